@@ -1,0 +1,157 @@
+"""The ``orchard`` command: thin verbs that load a spec and call one function each.
+
+Exit codes: 0 success, 2 bad spec or bad input (the message names the field, file or row), 1 run failure.
+Engines are imported lazily so ``orchard --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from orchard import __version__
+from orchard.config import SpecError, load_spec
+
+DEMO_JOBS = ("jobs/digits-cnn.yaml", "jobs/digits-federated.yaml")
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orchard", description="Distributed and federated deep learning from one job spec.")
+    p.add_argument("--version", action="version", version=f"orchard {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    run = sub.add_parser("run", help="prepare data, train or federate, and track one job")
+    run.add_argument("spec", help="job spec (YAML)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a spec field, e.g. --set train.epochs=3 (repeatable)")
+
+    prep = sub.add_parser("prep", help="run only the Spark data preparation of a spec")
+    prep.add_argument("spec")
+    prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    check = sub.add_parser("check", help="validate a spec and print it resolved, without running anything")
+    check.add_argument("spec")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    demo = sub.add_parser("demo", help="run the shipped digits jobs (central and federated) and summarise")
+    demo.add_argument("specs", nargs="*", default=list(DEMO_JOBS))
+
+    ui = sub.add_parser("ui", help="open MLflow's dashboard on the store the jobs wrote to")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--backend-store-uri", default=None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        return {"run": _run, "prep": _prep, "check": _check, "demo": _demo, "ui": _ui}[args.verb](args, console)
+    except SpecError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+def _run(args, console: Console) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    summary = _execute(spec, console)
+    if summary is None:
+        return EXIT_FAILED
+    _print_summary([summary], console)
+    return EXIT_OK
+
+
+def _execute(spec, console: Console):
+    from orchard.runner import run_job
+
+    console.print(f"[bold]orchard run[/] {spec.name} ({spec.kind})")
+    try:
+        return run_job(spec, console)
+    except SpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any engine failure is reported, with the log to read
+        console.print(f"[bold red]failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+        if os.environ.get("ORCHARD_DEBUG"):
+            traceback.print_exc()
+        return None
+
+
+def _prep(args, console: Console) -> int:
+    from orchard.runner import prepare_only
+
+    spec = load_spec(args.spec, args.overrides)
+    prepared = prepare_only(spec, console)
+    c = prepared.manifest["counts"]
+    state = "reused" if prepared.reused else "written"
+    console.print(f"prepared data {state}: {prepared.path}")
+    console.print(f"  rows: input {c['input']}, train {c['train']}, val {c['val']}, test {c['test']}, "
+                  f"quarantined {c['quarantined']}, duplicates {c['duplicates']}")
+    if prepared.manifest.get("quarantine_path"):
+        console.print(f"  quarantined rows: {prepared.path / prepared.manifest['quarantine_path']}")
+    return EXIT_OK
+
+
+def _check(args, console: Console) -> int:
+    from orchard.config import spec_yaml
+
+    spec = load_spec(args.spec, args.overrides)
+    console.print(spec_yaml(spec), highlight=False, markup=False)
+    return EXIT_OK
+
+
+def _demo(args, console: Console) -> int:
+    specs = [load_spec(s) for s in args.specs]  # refuse any bad spec before running the first
+    summaries, failed = [], False
+    for spec in specs:
+        summary = _execute(spec, console)
+        failed |= summary is None
+        if summary is not None:
+            summaries.append(summary)
+    _print_summary(summaries, console)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _print_summary(summaries, console: Console) -> None:
+    table = Table(title="Orchard jobs")
+    for col in ("job", "engine", "test accuracy", "test F1", "wall time", "MLflow run id"):
+        table.add_column(col)
+    for s in summaries:
+        table.add_row(s.name, s.engine, f"{s.test_accuracy:.4f}", f"{s.test_f1:.4f}", f"{s.wall_s:.1f} s", s.run_id)
+    console.print(table)
+    for s in summaries:
+        if s.quarantined:
+            console.print(f"{s.name}: {s.quarantined} row(s) quarantined (see the manifest's quarantine folder)")
+    if summaries:
+        console.print(f"tracking store: {summaries[0].tracking_uri}")
+        console.print(f"engine logs: {summaries[0].log_path}")
+        console.print("open the dashboard: [bold]orchard ui[/]  (or make ui) → http://127.0.0.1:5000")
+
+
+def _ui(args, console: Console) -> int:
+    from orchard.tracking import resolve_uri
+
+    uri = args.backend_store_uri or resolve_uri()
+    url = f"http://{args.host}:{args.port}"
+    console.print(f"MLflow dashboard on {uri}\n  → {url}  (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The job-spec schema: typed, described, refused before any compute starts.
+
+A spec is YAML. Every section is a pydantic model with ``extra="forbid"`` so a typo is an error that
+names the dotted key and suggests the nearest valid one. ``--set a.b=c`` overrides are applied to the
+raw mapping before validation, so they go through exactly the same checks as the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A spec that cannot run. The message names the file and the dotted key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitSpec(_Section):
+    train: float = Field(0.7, gt=0, lt=1, description="Fraction of rows in the training split.")
+    val: float = Field(0.15, ge=0, lt=1, description="Fraction of rows in the validation split.")
+    test: float = Field(0.15, gt=0, lt=1, description="Fraction of rows in the test split.")
+    seed: int = Field(42, description="Seed of the deterministic split.")
+    stratify: bool = Field(True, description="Keep each class's share equal across splits.")
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitSpec:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:g}")
+        return self
+
+
+class SparkSpec(_Section):
+    master: str = Field("local[*]", description="Spark master URL; local mode by default.")
+    driver_memory: str = Field("2g", description="spark.driver.memory.")
+    shuffle_partitions: int = Field(4, ge=1, description="spark.sql.shuffle.partitions.")
+
+
+class DataSpec(_Section):
+    source: str = Field(
+        "sklearn:digits",
+        description="sklearn:digits | sklearn:breast_cancer | path to a .csv file or a Parquet file/folder.",
+    )
+    label: str = Field("label", description="Name of the label column (CSV/Parquet sources).")
+    features: list[str] | None = Field(None, description="Feature columns; default: every other column.")
+    normalize: Literal["standard", "minmax", "none"] = Field(
+        "standard", description="Feature scaling, fitted on the training split only."
+    )
+    image_shape: list[int] | None = Field(
+        None, description="Reshape a row into [channels, height, width] for CNNs (digits sets [1, 8, 8])."
+    )
+    split: SplitSpec = Field(default_factory=SplitSpec, description="Train/val/test split.")
+    files_per_split: int = Field(2, ge=1, le=1024, description="Parquet files written per split.")
+    output: str = Field(".orchard/data", description="Folder under which prepared datasets are kept.")
+    spark: SparkSpec = Field(default_factory=SparkSpec, description="Spark session settings.")
+
+
+class ModelSpec(_Section):
+    family: Literal["mlp", "cnn"] = Field("mlp", description="Model family.")
+    hidden: list[int] = Field([128, 64], description="MLP hidden layer widths / CNN classifier head widths.")
+    channels: list[int] = Field([32, 64], description="CNN conv channels, one block per entry.")
+    kernel_size: int = Field(3, ge=1, le=15, description="CNN kernel size.")
+    pool: Literal["max", "avg", "none"] = Field("max", description="CNN pooling after each block.")
+    activation: Literal["relu", "gelu", "silu", "tanh", "sigmoid", "leaky_relu"] = Field(
+        "relu", description="Activation function."
+    )
+    norm: Literal["batch", "layer", "none"] = Field("none", description="Normalization layer.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout probability.")
+
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(w <= 0 for w in v):
+            raise ValueError("every width must be > 0")
+        return v
+
+
+class TrainSpec(_Section):
+    epochs: int = Field(10, ge=1, le=10_000, description="Passes over the training split.")
+    batch_size: int = Field(64, ge=1, le=1_000_000, description="Rows per step per worker.")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Weight decay (L2 for sgd/adam, decoupled for adamw).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    seed: int = Field(0, description="Seed for weights and shuffling.")
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(2, ge=1, le=4096, description="Ray Train workers (data-parallel replicas).")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="Use GPUs: auto = when the cluster has any.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    storage_path: str = Field(".orchard/ray_results", description="Where Ray Train keeps checkpoints.")
+
+
+class FederatedSpec(_Section):
+    clients: int = Field(10, ge=1, le=100_000, description="Number of simulated clients (SuperNodes).")
+    rounds: int = Field(10, ge=1, le=100_000, description="Federated rounds.")
+    partition: Literal["iid", "dirichlet"] = Field("iid", description="How the training split is divided.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed).")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of clients sampled per round.")
+    local_epochs: int = Field(1, ge=1, le=1000, description="Local epochs per round on each client.")
+    client_cpus: float = Field(1.0, gt=0, description="CPUs per simulated client (Ray backend).")
+    seed: int = Field(0, description="Seed of the partition.")
+
+
+class TrackingSpec(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or MLflow's own.")
+    experiment: str | None = Field(None, description="MLflow experiment; default: the spec's name.")
+    log_model: bool = Field(True, description="Log the final model with mlflow.pytorch.log_model.")
+
+
+class JobSpec(_Section):
+    name: str = Field(..., min_length=1, description="Job name; also the default MLflow experiment.")
+    kind: Literal["train", "federated"] = Field(..., description="What the job does.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Data source and preparation.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Model family and shape.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimization (also each client's).")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Ray Train resources.")
+    federated: FederatedSpec = Field(default_factory=FederatedSpec, description="Flower federation.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking.")
+
+    def digest(self) -> str:
+        """Stable hash of the resolved spec (tagged on runs as orchard.spec_hash)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved spec as dotted keys, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at ``path`` (for did-you-mean suggestions)."""
+    model: type[BaseModel] = JobSpec
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
+    key = ".".join(str(p) for p in loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        hint = ""
+        if owner is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1, cutoff=0.5)
+            if close:
+                hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
+            else:
+                hint = f" (valid keys: {', '.join(owner.model_fields)})"
+        return f"{key}: unknown key{hint}"
+    msg = err["msg"]
+    if err["type"] == "missing":
+        return f"{key}: required field is missing"
+    return f"{key}: {msg} (got {err.get('input')!r})"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``train.epochs=3`` -> (['train', 'epochs'], 3). The value is parsed as YAML."""
+    if "=" not in item:
+        raise SpecError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise SpecError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--set {key}: value is not valid YAML: {exc}") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise SpecError(f"--set {'.'.join(parts)}: '{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a spec. Raises SpecError naming the file and every bad key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec is a mapping with at least 'name' and 'kind'")
+    return validate_spec(apply_overrides(raw, overrides or []), origin=str(path))
+
+
+def validate_spec(raw: dict[str, Any], origin: str = "<spec>") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise SpecError(f"{origin}: invalid spec\n  " + "\n  ".join(lines)) from None
+
+
+def spec_yaml(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

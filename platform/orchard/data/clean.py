@@ -1,0 +1,118 @@
+"""Cleaning: every row either parses completely or goes to quarantine with a reason; labels become indices.
+
+Nothing is silently dropped or turned into nulls: the only rows that leave the pipeline are
+quarantined (counted, written with their reason) or exact duplicates (counted).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.types import StringType
+
+from orchard.config import SpecError
+from orchard.data.readers import feature_col
+from orchard.data.source import Source
+
+# A label column with more distinct values than this is almost surely not a class label.
+MAX_CLASSES = 10_000
+
+
+def value_col(i: int) -> str:
+    """The parsed (double) value of feature i."""
+    return f"_x{i}"
+
+
+@dataclass(frozen=True)
+class Tally:
+    input: int
+    quarantined: int
+    classes: list[Any]  # sorted; numbers when every label is a number, else strings
+    index: dict[str, int]  # label as read (trimmed) -> class index
+
+
+def parse(raw: DataFrame, source: Source) -> DataFrame:
+    """Add parsed features ``_x*``, the trimmed label ``_lab`` and ``_reason`` (null = clean)."""
+    n = len(source.features)
+    values = [_as_double(F.col(feature_col(i))).alias(value_col(i)) for i in range(n)]
+    label = F.trim(F.col("_y").cast("string"))
+    checks = [_feature_problem(raw, i, name) for i, name in enumerate(source.features)]
+    reason = F.coalesce(
+        F.col("_problem"),
+        F.when(label.isNull() | (label == ""), F.lit(f"empty label in column '{source.label}'")),
+        *checks,
+    )
+    return raw.select("_row", "_raw", *values, label.alias("_lab"), reason.alias("_reason"))
+
+
+def tally(parsed: DataFrame, source: Source) -> Tally:
+    """One aggregate: input and quarantine counts, and the distinct labels of the clean rows."""
+    clean = F.col("_reason").isNull()
+    groups = (
+        parsed.groupBy(clean.alias("ok"), F.when(clean, F.col("_lab")).alias("_lab"))
+        .agg(F.count(F.lit(1)).alias("n"), F.min("_reason").alias("reason"))
+        .withColumn("num", F.col("_lab").try_cast("double"))
+        .limit(MAX_CLASSES + 2)
+        .collect()
+    )
+    total = sum(g["n"] for g in groups)
+    bad = [g for g in groups if not g["ok"]]
+    quarantined = sum(g["n"] for g in bad)
+    labels = {g["_lab"]: g["num"] for g in groups if g["ok"]}
+    if len(labels) > MAX_CLASSES:
+        raise SpecError(
+            f"data.label: column {source.label!r} of {source.describe()} has over {MAX_CLASSES} distinct "
+            "values; a classification label is expected"
+        )
+    classes, index = _classes(labels)
+    if len(classes) < 2:
+        hint = f"; all {quarantined} rows were quarantined, e.g. {bad[0]['reason']}" if bad and not labels else ""
+        raise SpecError(
+            f"data.label: column {source.label!r} of {source.describe()} has {len(classes)} distinct "
+            f"value(s) among clean rows, at least 2 classes are needed{hint}"
+        )
+    return Tally(total, quarantined, classes, index)
+
+
+def indexed(parsed: DataFrame, tally: Tally, n_features: int) -> DataFrame:
+    """The clean rows with ``label`` as an int64 class index."""
+    pairs = [F.lit(x) for key, i in sorted(tally.index.items()) for x in (key, i)]
+    label = F.create_map(*pairs)[F.col("_lab")].cast("long")
+    values = [value_col(i) for i in range(n_features)]
+    return parsed.filter(F.col("_reason").isNull()).select(*values, label.alias("label"))
+
+
+def _as_double(value: Column) -> Column:
+    parsed = value.try_cast("double")
+    # -0.0 and 0.0 are the same number but hash differently; one spelling keeps splits deterministic.
+    return F.when(parsed == 0, F.lit(0.0)).otherwise(parsed)
+
+
+def _feature_problem(raw: DataFrame, i: int, name: str) -> Column:
+    value = F.col(feature_col(i))
+    parsed = value.try_cast("double")
+    is_text = isinstance(raw.schema[feature_col(i)].dataType, StringType)
+    empty = value.isNull() | (F.trim(value) == "") if is_text else value.isNull()
+    shown = value.cast("string")
+    return (
+        F.when(empty, F.lit(f"empty value in column '{name}'"))
+        .when(parsed.isNull(), F.concat(F.lit(f"non-numeric value in column '{name}': "), shown))
+        .when(F.isnan(parsed) | (F.abs(parsed) == math.inf), F.concat(F.lit(f"non-finite value in column '{name}': "), shown))
+    )
+
+
+def _classes(labels: dict[str, float | None]) -> tuple[list[Any], dict[str, int]]:
+    """Sorted classes and each label string's index; "1" and "1.0" are one numeric class."""
+    numbers = list(labels.values())
+    if labels and all(v is not None and math.isfinite(v) for v in numbers):
+        distinct = sorted(set(numbers))
+        integral = all(v.is_integer() and abs(v) < 2**53 for v in distinct)
+        classes: list[Any] = [int(v) for v in distinct] if integral else distinct
+        position = {v: i for i, v in enumerate(distinct)}
+        return classes, {key: position[v] for key, v in labels.items()}
+    classes = sorted(labels)
+    return classes, {key: i for i, key in enumerate(classes)}

@@ -1,0 +1,97 @@
+"""The Spark steps of a prep, in order: read → clean → split → fit stats → write → finish.
+
+Spark jobs, in order: number the source's rows (CSV/Parquet), count rows and labels, count the
+distinct rows (caching them), fit stats on train, write the splits, write the quarantine.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from orchard.config import DataSpec
+from orchard.data import clean, normalize, readers, split
+from orchard.data.manifest import FEATURES_COL, LABEL_COL, SPLITS
+from orchard.data.source import Source
+from orchard.data.write import QUARANTINE, SPARK_DIR, finish_quarantine, finish_split, split_schema
+
+log = logging.getLogger("orchard.data")
+
+
+def run(spark: SparkSession, source: Source, data: DataSpec, tmp: Path, *, shape, digest: str) -> dict[str, Any]:
+    """Write the splits (and quarantine) under ``tmp``; return the manifest."""
+    d = len(source.features)
+    hold: list[DataFrame] = []
+    try:
+        parsed = clean.parse(readers.read(spark, source, hold), source)
+        tally = clean.tally(parsed, source)
+        log.info("%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes))
+        rows = split.assign(clean.indexed(parsed, tally, d), data.split, d).cache()
+        hold.append(rows)
+        distinct = rows.count()
+        stats = normalize.fit(rows.filter(F.col("split") == "train"), data.normalize, d)
+        sizes = _write_splits(rows, data, stats, tmp, d)
+        if tally.quarantined:
+            _write_quarantine(parsed, tmp, tally.quarantined)
+    finally:
+        for frame in hold:
+            frame.unpersist()
+    counts = {
+        "input": tally.input,
+        "quarantined": tally.quarantined,
+        "duplicates": tally.input - tally.quarantined - distinct,
+        **sizes,
+    }
+    if sum(sizes.values()) != distinct:  # a lost row is a bug here, never something to ship
+        raise RuntimeError(f"prep lost rows: {distinct} distinct rows but splits hold {sizes}")
+    return _manifest(spark, source, data, tally, stats, counts, shape, digest)
+
+
+def _write_splits(rows: DataFrame, data: DataSpec, stats: dict, tmp: Path, d: int) -> dict[str, int]:
+    features = F.array(*normalize.apply(data.normalize, stats, d)).alias(FEATURES_COL)
+    staged = tmp / SPARK_DIR / "splits"
+    # One Spark job for all three splits; the pyarrow pass then fixes types, order and file count.
+    rows.select(features, LABEL_COL, "split", "_order", "_rank").write.partitionBy("split").parquet(str(staged))
+    return {s: finish_split(staged / f"split={s}", tmp / s, d, data.files_per_split) for s in SPLITS}
+
+
+def _write_quarantine(parsed: DataFrame, tmp: Path, expected: int) -> None:
+    staged = tmp / SPARK_DIR / QUARANTINE
+    bad = parsed.filter(F.col("_reason").isNotNull())
+    columns = [F.col("_row").alias("row"), F.col("_reason").alias("reason"), F.col("_raw").alias("raw")]
+    # Quarantine is expected to be small: one task, one file.
+    bad.select(*columns).coalesce(1).write.parquet(str(staged))
+    written = finish_quarantine(staged, tmp / QUARANTINE)
+    if written != expected:
+        raise RuntimeError(f"quarantine holds {written} rows, {expected} were counted")
+
+
+def _manifest(spark, source: Source, data: DataSpec, tally, stats, counts, shape, digest) -> dict[str, Any]:
+    schema = split_schema(len(source.features))
+    return {
+        "version": 1,
+        "source": source.describe(),
+        "dataset": source.slug,
+        "content_hash": digest,
+        "label_column": source.label,
+        "features": list(source.features),
+        "feature_dim": len(source.features),
+        "image_shape": shape,
+        "classes": tally.classes,
+        "num_classes": len(tally.classes),
+        "task": "classification",
+        "normalize": data.normalize,
+        "stats": stats,
+        "counts": counts,
+        "splits": {s: s for s in SPLITS},
+        "quarantine_path": QUARANTINE if counts["quarantined"] else None,
+        "schema": {f.name: str(f.type) for f in schema},
+        "split": data.split.model_dump(mode="json"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "spark_version": spark.version,
+    }

@@ -1,0 +1,52 @@
+"""``prepare``: spec in, prepared folder out — or the existing folder when nothing changed.
+
+Resolving the source, checking columns and recognising an unchanged prep happen here without
+Spark; only a prep that has to run imports pyspark (``orchard.data.pipeline``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from orchard.config import JobSpec
+from orchard.data.manifest import MANIFEST, PreparedData, load_manifest
+from orchard.data.source import content_hash, image_shape, resolve
+
+log = logging.getLogger("orchard.data")
+
+
+def prepare(spec: JobSpec, log_path: Path | None = None) -> PreparedData:
+    """Prepare ``spec.data`` into ``<data.output>/<dataset>-<content_hash>/`` (see manifest.py).
+
+    Raises ``orchard.config.SpecError`` (naming the file, column or key) before any compute for a
+    missing source, label or feature column, and after reading for fewer than two classes.
+    With ``log_path``, Spark's own output goes to that file instead of the terminal.
+    """
+    data = spec.data
+    source = resolve(data)
+    shape = image_shape(source, data)
+    digest = content_hash(source, data)
+    target = Path(data.output) / f"{source.slug}-{digest}"
+    if (target / MANIFEST).is_file():
+        log.info("reusing prepared data %s", target)
+        return load_manifest(target)
+
+    from orchard.data import pipeline
+    from orchard.data.session import spark_for
+    from orchard.data.write import publish, staging, write_manifest
+
+    started = time.perf_counter()
+    log.info("preparing %s -> %s", source.describe(), target)
+    with spark_for(data.spark, log_path) as spark, staging(target) as tmp:
+        manifest = pipeline.run(spark, source, data, tmp, shape=shape, digest=digest)
+        write_manifest(tmp, manifest)
+        if not publish(tmp, target):
+            log.info("an identical prep finished first; using %s", target)
+            return load_manifest(target)
+    counts = manifest["counts"]
+    log.info("prepared %s in %.1f s: %s", target, time.perf_counter() - started, counts)
+    if counts["quarantined"]:
+        log.warning("%d of %d rows quarantined, see %s", counts["quarantined"], counts["input"], target / "quarantine")
+    return PreparedData(path=target, manifest=manifest, reused=False)

@@ -1,0 +1,120 @@
+"""Read a source into one raw frame with a fixed shape, whatever the format.
+
+Columns of the raw frame:
+    _row      1-based data row number (header excluded) — what a quarantine entry names
+    _raw      the row as read (the CSV line; JSON of the values for Parquet), for quarantine
+    _problem  why the row's structure is broken (wrong field count, bad quoting), else null
+    _f0.._fN  the feature values as read (strings for CSV), in ``source.features`` order
+    _y        the label as read
+
+Row numbers come from the file position of each record, not from Spark's partitioning, so they are
+the same on any number of cores.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from orchard.data.source import Source, load_sklearn
+
+# A quoted CSV field with "" as the escaped quote (RFC 4180); removed before counting separators.
+_QUOTED_FIELD = r'"(?:[^"]|"")*"'
+
+
+def read(spark: SparkSession, source: Source, hold: list[DataFrame]) -> DataFrame:
+    """The raw frame. Frames cached on the way are appended to ``hold``: unpersist them when done."""
+    if source.kind == "sklearn":
+        return _read_sklearn(spark, source)
+    if source.kind == "csv":
+        return _read_csv(spark, source, hold)
+    return _read_parquet(spark, source, hold)
+
+
+def feature_col(i: int) -> str:
+    return f"_f{i}"
+
+
+def quoted(name: str) -> Column:
+    """A column by its exact name, even with dots or spaces in it."""
+    return F.col("`" + name.replace("`", "``") + "`")
+
+
+def _read_sklearn(spark: SparkSession, source: Source) -> DataFrame:
+    bunch = load_sklearn(source.location)
+    names = list(bunch.feature_names)
+    frame = pd.DataFrame({feature_col(i): bunch.data[:, names.index(f)] for i, f in enumerate(source.features)})
+    frame.insert(0, "_row", range(1, len(frame) + 1))
+    frame["_y"] = bunch.target.astype("int64")
+    none = F.lit(None).cast("string")
+    features = [feature_col(i) for i in range(len(source.features))]
+    return spark.createDataFrame(frame).select("_row", none.alias("_raw"), none.alias("_problem"), *features, "_y")
+
+
+def _read_csv(spark: SparkSession, source: Source, hold: list[DataFrame]) -> DataFrame:
+    lines = _numbered(spark.read.text(source.location), hold)
+    # Line 0 is the header; blank lines carry no row (like Spark's own CSV reader) but keep numbering.
+    lines = lines.filter((F.col("_line") > 0) & (F.trim("value") != ""))
+    width = len(source.columns)
+    schema = ", ".join(f"_c{i} STRING" for i in range(width)) + ", _corrupt_record STRING"
+    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt_record", "escape": '"'}
+    parsed = F.from_csv("value", schema, options)
+    index = {name: i for i, name in enumerate(source.columns)}
+    return lines.select(
+        F.col("_line").alias("_row"),
+        F.col("value").alias("_raw"),
+        _csv_problem(F.col("value"), width, parsed["_corrupt_record"]).alias("_problem"),
+        *[parsed[f"_c{index[f]}"].alias(feature_col(i)) for i, f in enumerate(source.features)],
+        parsed[f"_c{index[source.label]}"].alias("_y"),
+    )
+
+
+def _csv_problem(line: Column, width: int, corrupt: Column) -> Column:
+    # Spark's CSV parser pads short rows with nulls and drops extra tokens without flagging either,
+    # so the separators outside quoted fields are counted here.
+    unquoted = F.regexp_replace(line, _QUOTED_FIELD, "")
+    fields = F.size(F.split(unquoted, ",", -1))
+    return (
+        F.when(unquoted.contains('"'), F.lit("malformed quoting"))
+        .when(fields != width, F.concat(F.lit(f"expected {width} fields, got "), fields.cast("string")))
+        .when(corrupt.isNotNull(), F.lit("malformed CSV record"))
+    )
+
+
+def _read_parquet(spark: SparkSession, source: Source, hold: list[DataFrame]) -> DataFrame:
+    records = _numbered(spark.read.parquet(source.location), hold)
+    kept = [*source.features, source.label]
+    return records.select(
+        (F.col("_line") + 1).alias("_row"),
+        F.to_json(F.struct(*[quoted(c) for c in kept])).alias("_raw"),
+        F.lit(None).cast("string").alias("_problem"),
+        *[quoted(f).alias(feature_col(i)) for i, f in enumerate(source.features)],
+        quoted(source.label).alias("_y"),
+    )
+
+
+def _numbered(df: DataFrame, hold: list[DataFrame]) -> DataFrame:
+    """Add ``_line``: the 0-based position of each record in the source, ordered by (file, offset).
+
+    Within one file split (block) records arrive in file order and a partition reads its blocks
+    one after another, so ``monotonically_increasing_id`` minus the block's smallest id is the
+    position inside the block. One small aggregate gives each block's size; their running sum in
+    (file, offset) order gives each block's first line.
+    """
+    tagged = df.select(
+        "*",
+        F.col("_metadata.file_path").alias("_file"),
+        F.col("_metadata.file_block_start").alias("_block"),
+        F.monotonically_increasing_id().alias("_id"),
+    ).cache()  # the ids must not be recomputed on a different plan; the cache also saves a re-read
+    hold.append(tagged)
+    blocks = tagged.groupBy("_file", "_block").agg(F.count(F.lit(1)).alias("n"), F.min("_id").alias("first"))
+    offsets, start = [], 0
+    for b in sorted(blocks.collect(), key=lambda b: (b["_file"], b["_block"])):
+        offsets += [F.lit(f"{b['_block']}@{b['_file']}"), F.lit(start - b["first"])]
+        start += b["n"]
+    if not offsets:  # an empty source: no rows to number
+        return tagged.withColumn("_line", F.lit(0).cast("long"))
+    shift = F.create_map(*offsets)[F.concat_ws("@", F.col("_block").cast("string"), "_file")]
+    return tagged.withColumn("_line", shift + F.col("_id"))

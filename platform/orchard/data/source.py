@@ -1,0 +1,191 @@
+"""What a data source is, checked before Spark starts: kind, columns, slug and content hash.
+
+Everything here is plain Python (csv, pyarrow, scikit-learn) so that a bad spec is refused in
+milliseconds and an unchanged prep is recognised without starting a JVM.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from orchard.config import DataSpec, SpecError
+
+# Bump when the prep's output for the same input changes, so old folders are not reused.
+PREP_VERSION = "orchard-data/1"
+SKLEARN_DATASETS = ("digits", "breast_cancer")
+DEFAULT_IMAGE_SHAPES = {"digits": [1, 8, 8]}
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: Literal["sklearn", "csv", "parquet"]
+    location: str  # the sklearn dataset name, or the resolved file/folder path
+    slug: str
+    columns: tuple[str, ...]  # every column the source has, in source order
+    features: tuple[str, ...]
+    label: str
+
+    def describe(self) -> str:
+        return f"sklearn:{self.location}" if self.kind == "sklearn" else self.location
+
+
+def resolve(data: DataSpec) -> Source:
+    """Find the source and its columns; refuse missing files/columns with a SpecError naming them."""
+    not_numeric: dict[str, str] = {}
+    if data.source.startswith("sklearn:"):
+        kind, location, columns = "sklearn", *_sklearn_columns(data.source, data.label)
+    else:
+        path = Path(data.source).expanduser()
+        if not path.exists():
+            raise SpecError(f"data.source: {data.source} does not exist")
+        if path.is_file() and path.suffix.lower() == ".csv":
+            kind, columns = "csv", _csv_header(path)
+        else:
+            kind, (columns, not_numeric) = "parquet", _parquet_columns(path)
+        location = str(path.resolve())
+    features = _pick_features(data, columns, location, not_numeric)
+    slug = _slug(location if kind == "sklearn" else Path(location).stem)
+    return Source(kind, location, slug, tuple(columns), tuple(features), data.label)
+
+
+def content_hash(source: Source, data: DataSpec) -> str:
+    """sha256 over the source's content and the data settings that change the output."""
+    h = hashlib.sha256(PREP_VERSION.encode())
+    if source.kind == "sklearn":
+        import sklearn
+
+        h.update(f"sklearn:{source.location}:{sklearn.__version__}".encode())
+    else:
+        root = Path(source.location)
+        for file in _content_files(root):
+            # In a folder, which file holds which bytes is part of the content.
+            h.update(file.relative_to(root).as_posix().encode() if root.is_dir() else b"")
+            _hash_file(h, file)
+    # Where the output goes and how Spark runs do not change what is produced.
+    settings = data.model_dump(mode="json", exclude={"output", "spark"})
+    h.update(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
+    return h.hexdigest()[:16]
+
+
+def image_shape(source: Source, data: DataSpec) -> list[int] | None:
+    """The spec's image shape, checked against the feature count; digits defaults to [1, 8, 8]."""
+    shape = data.image_shape
+    if shape is None:
+        # The default only fits when every pixel column is kept.
+        keeps_all = data.features is None and source.kind == "sklearn"
+        return DEFAULT_IMAGE_SHAPES.get(source.location) if keeps_all else None
+    size = 1
+    for dim in shape:
+        size *= dim
+    if size != len(source.features):
+        raise SpecError(
+            f"data.image_shape: {shape} holds {size} values but {source.describe()} has "
+            f"{len(source.features)} feature columns"
+        )
+    return list(shape)
+
+
+def _sklearn_columns(name: str, label: str) -> tuple[str, list[str]]:
+    dataset = name.split(":", 1)[1]
+    if dataset not in SKLEARN_DATASETS:
+        known = ", ".join(f"sklearn:{d}" for d in SKLEARN_DATASETS)
+        raise SpecError(f"data.source: unknown dataset {name!r} (known: {known})")
+    return dataset, [*load_sklearn(dataset).feature_names, label]
+
+
+def load_sklearn(dataset: str):
+    """A bundled scikit-learn dataset (no download)."""
+    from sklearn import datasets
+
+    return getattr(datasets, f"load_{dataset}")()
+
+
+def _csv_header(path: Path) -> list[str]:
+    # utf-8-sig: a byte-order mark must not become part of the first column's name.
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), None)
+    if not header or not any(c.strip() for c in header):
+        raise SpecError(f"data.source: {path} has no header row")
+    columns = [c.strip() for c in header]
+    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    if dupes:
+        raise SpecError(f"data.source: {path} has duplicate column names {dupes}")
+    return columns
+
+
+def _parquet_columns(path: Path) -> tuple[list[str], dict[str, str]]:
+    """Column names, and the type of each column that cannot hold a number."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    try:
+        schema = ds.dataset(str(path), format="parquet", partitioning="hive").schema
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SpecError(f"data.source: {path} is neither a .csv file nor readable Parquet ({exc})") from None
+    not_numeric = {f.name: str(f.type) for f in schema if not _castable_to_number(f.type)}
+    return list(schema.names), not_numeric
+
+
+def _castable_to_number(t) -> bool:
+    import pyarrow as pa
+
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_decimal(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_dictionary(t)
+    )
+
+
+def _pick_features(data: DataSpec, columns: list[str], where: str, not_numeric: dict[str, str]) -> list[str]:
+    if data.label not in columns:
+        raise SpecError(f"data.label: column {data.label!r} not found in {where} (columns: {_short(columns)})")
+    wanted = data.features if data.features is not None else [c for c in columns if c != data.label]
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise SpecError(f"data.features: {missing} not found in {where} (columns: {_short(columns)})")
+    if data.label in wanted:
+        raise SpecError(f"data.features: the label column {data.label!r} cannot also be a feature")
+    if not wanted:
+        raise SpecError(f"data.features: {where} has no feature columns besides the label")
+    for name in wanted:
+        if name in not_numeric:
+            raise SpecError(f"data.features: column {name!r} in {where} has type {not_numeric[name]}, not a number")
+    if len(set(wanted)) != len(wanted):
+        raise SpecError(f"data.features: a column is listed twice in {wanted}")
+    return list(wanted)
+
+
+def _short(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "data"
+
+
+def _content_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    # Spark ignores files whose name starts with "_" or "." (_SUCCESS, .crc), so the hash does too.
+    return sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts)
+    )
+
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)

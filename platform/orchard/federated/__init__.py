@@ -1,0 +1,22 @@
+"""Flower federated learning: partitions, ServerApp/ClientApp factories, the simulation entry point.
+
+``run_federated`` is imported lazily so that ``orchard.federated.partitions`` is usable without
+importing Flower.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchard.federated.simulation import FederatedResult, run_federated
+
+__all__ = ["FederatedResult", "run_federated"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from orchard.federated import simulation
+
+        return getattr(simulation, name)
+    raise AttributeError(f"module 'orchard.federated' has no attribute {name!r}")

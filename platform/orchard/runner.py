@@ -1,0 +1,186 @@
+"""One job from spec to tracked model, as a list of named steps.
+
+prepare data → open the MLflow run → train (Ray) or federate (Flower) → log results → close the run.
+The spec was validated before this point; nothing here runs for a spec that failed validation.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from orchard.config import JobSpec
+from orchard.console import engine_output_to
+
+
+@dataclass
+class JobSummary:
+    name: str
+    kind: str
+    engine: str
+    test_accuracy: float
+    test_f1: float
+    wall_s: float
+    run_id: str
+    tracking_uri: str
+    quarantined: int
+    log_path: Path
+    model_uri: str | None = None
+
+
+def run_dir_for(spec: JobSpec) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(".orchard/runs") / f"{spec.name}-{stamp}"
+
+
+def run_job(spec: JobSpec, console: Console | None = None) -> JobSummary:
+    console = console or Console()
+    run_dir = run_dir_for(spec)
+    log_path = run_dir / "engine.log"
+    t0 = time.perf_counter()
+    with engine_output_to(log_path, console) as term, _progress(term) as progress:
+        prepared = _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
+        summary = _tracked(spec, prepared, progress, run_dir)
+    summary.wall_s = time.perf_counter() - t0
+    summary.log_path = log_path
+    return summary
+
+
+def prepare_only(spec: JobSpec, console: Console | None = None):
+    console = console or Console()
+    log_path = run_dir_for(spec) / "engine.log"
+    with engine_output_to(log_path, console) as term, _progress(term) as progress:
+        return _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
+
+
+def _prepare(spec: JobSpec, log_path: Path):
+    from orchard.data import prepare
+
+    return prepare(spec, log_path=log_path)
+
+
+def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path) -> JobSummary:
+    from orchard.tracking import JobRun
+
+    job = JobRun(spec)
+    try:
+        job.log_dataset(prepared)
+        if spec.kind == "train":
+            result = _train(spec, prepared, job, progress, run_dir)
+            engine = f"Ray Train ({spec.scaling.num_workers} workers)"
+        else:
+            result = _federate(spec, prepared, job, progress, run_dir)
+            engine = f"Flower ({spec.federated.clients} clients)"
+        model_uri = _step(progress, "log model and plots (MLflow)", lambda: _log_outputs(job, spec, prepared, result))
+        job.log_artifact(run_dir / "engine.log", "logs")
+    except BaseException:
+        job.finish("FAILED")
+        raise
+    job.finish("FINISHED")
+    return JobSummary(name=spec.name, kind=spec.kind, engine=engine,
+                      test_accuracy=result["test/accuracy"], test_f1=result["test/f1"], wall_s=0.0,
+                      run_id=job.run_id, tracking_uri=job.uri, quarantined=prepared.quarantined,
+                      log_path=run_dir, model_uri=model_uri)
+
+
+def _train(spec: JobSpec, prepared, job, progress: Progress, run_dir: Path) -> dict[str, Any]:
+    from orchard.train import run_training
+
+    with _watch(progress, run_dir / "progress.json", "train (Ray Train)", spec.train.epochs, "epoch"):
+        res = run_training(spec, prepared, job.logger, run_dir)
+    return {"history": res.history, "x": "epoch", "confusion": res.confusion, "model": res.model,
+            **res.test_metrics}
+
+
+def _federate(spec: JobSpec, prepared, job, progress: Progress, run_dir: Path) -> dict[str, Any]:
+    from orchard.engine.metrics import classification_metrics
+    from orchard.federated import run_federated
+
+    with _watch(progress, run_dir / "progress.json", "federate (Flower)", spec.federated.rounds, "round"):
+        res = run_federated(spec, prepared, job, log_path=run_dir / "engine.log")
+    scores = {f"test/{k}": v for k, v in classification_metrics(res.test.confusion).items()}
+    return {"history": res.history, "x": "round", "confusion": res.test.confusion, "model": res.model, **scores}
+
+
+def _log_outputs(job, spec: JobSpec, prepared, result: dict[str, Any]) -> str | None:
+    import numpy as np
+
+    from orchard.tracking import plots
+
+    for name, fig in (
+        ("plots/learning_curve.png", plots.learning_curve(result["history"], result["x"], f"{spec.name}")),
+        ("plots/confusion_matrix.png", plots.confusion_matrix(result["confusion"], prepared.manifest["classes"])),
+    ):
+        job.log_figure(fig, name)
+        plots.close(fig)
+    job.log_text(json.dumps(np.asarray(result["confusion"]).tolist()), "metrics/confusion_matrix.json")
+    if not spec.tracking.log_model:
+        return None
+    example = _input_example(prepared)
+    return job.log_model(result["model"], example)
+
+
+def _input_example(prepared, rows: int = 4):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    first = sorted(prepared.split_path("test").glob("*.parquet"))[0]
+    col = pq.ParquetFile(first).read_row_group(0, columns=["features"]).column("features").combine_chunks()
+    dim = prepared.manifest["feature_dim"]
+    return np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)[:rows]
+
+
+# -- progress -------------------------------------------------------------------------------------------
+
+def _progress(console: Console) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def _step(progress: Progress, name: str, fn):
+    task = progress.add_task(name, total=1, info="")
+    out = fn()
+    progress.update(task, completed=1)
+    return out
+
+
+class _watch:
+    """Follow an engine's progress file (written by its callback in another process) on a progress bar."""
+
+    def __init__(self, progress: Progress, path: Path, name: str, total: int, unit: str) -> None:
+        self.progress, self.path, self.unit = progress, path, unit
+        self.task = progress.add_task(name, total=total, info="starting")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._read()
+        if exc[0] is None:
+            self.progress.update(self.task, completed=self.progress.tasks[self.task].total)
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.5):
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        shown = {k: v for k, v in state.items() if k.endswith("accuracy") or k.endswith("loss")}
+        info = "  ".join(f"{k}={v:.3f}" for k, v in list(shown.items())[:4] if isinstance(v, float))
+        self.progress.update(self.task, completed=int(state.get(self.unit, 0)), info=info)
