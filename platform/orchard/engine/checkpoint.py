@@ -78,7 +78,10 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
         state.setdefault(int(idx), {})[name] = value
     for idx, values in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON turned tuples (Adam's betas) into lists; optimizers expect them back as tuples.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def _json_default(o: Any) -> Any:

@@ -24,9 +24,13 @@ METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 
 
+def _partition(path: Path, feature_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cached_partition(str(path), path.stat().st_mtime_ns, feature_dim)
+
+
 @functools.lru_cache(maxsize=8)
-def _partition(path: str, feature_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This client's rows, cached per actor process: Ray reuses actors across rounds."""
+def _cached_partition(path: str, mtime_ns: int, feature_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This client's rows, kept per actor process: Ray reuses actors across rounds and clients."""
     x, y = read_xy([Path(path)], feature_dim)
     return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -49,7 +53,7 @@ def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, c
     seed_everything(seed)
     torch.set_num_threads(max(1, int(spec.federated.client_cpus)))
 
-    x, y = _partition(str(client_file(partitions, client)), int(manifest["feature_dim"]))
+    x, y = _partition(client_file(partitions, client), int(manifest["feature_dim"]))
     model = model_from_manifest(spec.model, manifest)
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
     optimizer = build_optimizer(model, spec.train.model_copy(update={"lr": float(config["lr"])}))

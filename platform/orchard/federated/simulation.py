@@ -2,8 +2,9 @@
 
 The ServerApp runs in a thread of this process and the ClientApps in Ray actors. Ray is started here
 (not inside Flower) so that a Ray that cannot start, or a cluster too small for one client, fails
-before Flower's threads exist: once they do, a ServerApp waiting on clients that never come would hold
-the process open.
+before Flower's threads exist: once they do, a ServerApp waiting for replies that never come holds the
+process until its round timeout. Flower shuts Ray down when the simulation ends, including a Ray the
+caller had started.
 """
 
 from __future__ import annotations

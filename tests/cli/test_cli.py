@@ -1,0 +1,49 @@
+"""The `orchard` command as a user runs it: exit codes, refusals before compute, the full tracked path."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def orchard(*args, cwd: Path, env_extra: dict | None = None, timeout: int = 900):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "orchard.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_is_fast_and_lists_the_verbs(tmp_path):
+    out = orchard("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for verb in ("run", "prep", "demo", "ui", "check"):
+        assert verb in out.stdout
+
+
+def test_a_typo_exits_2_naming_the_key_and_creates_no_run(tmp_path):
+    spec = yaml.safe_load((ROOT / "jobs/digits-cnn.yaml").read_text())
+    spec["train"]["lerning_rate"] = 0.1
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    db = tmp_path / "mlflow.db"
+    out = orchard("run", str(path), cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "train.lerning_rate: unknown key" in out.stdout
+    assert not db.exists()  # no MLflow store touched, so no run
+    assert not (tmp_path / ".orchard").exists()  # and no data prepared
+
+
+def test_a_bad_override_exits_2(tmp_path):
+    out = orchard("run", str(ROOT / "jobs/digits-cnn.yaml"), "--set", "train.epochs=-1", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "train.epochs" in out.stdout
+
+
+def test_a_missing_spec_file_exits_2(tmp_path):
+    out = orchard("run", "nope.yaml", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "nope.yaml" in out.stdout

@@ -1,0 +1,45 @@
+import pickle
+
+import pytest
+import torch
+
+from orchard.config import ModelSpec, TrainSpec
+from orchard.engine import build_optimizer
+from orchard.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from orchard.models import build_model
+
+
+def _model_and_opt(kind="adamw"):
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(family="mlp", hidden=[8]), 4, 3, None)
+    return model, build_optimizer(model, TrainSpec(optimizer=kind))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_checkpoint_round_trips_model_and_optimizer(tmp_path, kind):
+    model, opt = _model_and_opt(kind)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, model, opt, {"epoch": 3, "history": [{"epoch": 3}]})
+    model2, opt2 = _model_and_opt(kind)
+    state = load_checkpoint(tmp_path, model2, opt2)
+    assert state["epoch"] == 3
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for idx in s1["state"]:
+        for k, v in s1["state"][idx].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(s2["state"][idx][k]))
+
+
+def test_a_pickle_checkpoint_is_refused_and_never_unpickled(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    (tmp_path / "model.pt").write_bytes(pickle.dumps(Boom()))
+    model, _ = _model_and_opt()
+    with pytest.raises(CheckpointError, match="not an Orchard checkpoint"):
+        load_checkpoint(tmp_path, model)
+    assert not (tmp_path / "pwned").exists()
