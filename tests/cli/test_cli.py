@@ -47,3 +47,46 @@ def test_a_missing_spec_file_exits_2(tmp_path):
     out = orchard("run", "nope.yaml", cwd=tmp_path)
     assert out.returncode == 2
     assert "nope.yaml" in out.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_serves_mlflow_dashboard_on_the_job_store(tmp_path):
+    import time
+    import urllib.request
+
+    from orchard.config import JobSpec
+    from orchard.tracking import JobRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    JobRun(JobSpec(name="ui-check", kind="train", tracking={"uri": uri})).finish()
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "orchard.cli", "ui", "--port", str(port),
+                             "--backend-store-uri", uri], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        body, deadline = None, time.time() + 90
+        while time.time() < deadline and body is None:
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ui-check")
+                body = urllib.request.urlopen(req, timeout=5).read().decode()
+            except OSError:
+                time.sleep(1)
+        assert body is not None, "dashboard did not come up"
+        assert '"name": "ui-check"' in body or '"name":"ui-check"' in body
+        home = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
+        assert home.status == 200
+    finally:
+        import os as _os
+        import signal
+
+        _os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -7,9 +7,9 @@ from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
-from prep_helpers import read_split, row_set, write_csv
 
 from orchard.data import prepare
+from tests.data.prep_helpers import read_split, row_set, write_csv
 
 SPLITS = ("train", "val", "test")
 

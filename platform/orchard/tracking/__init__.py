@@ -117,8 +117,7 @@ class JobRun:
 
     def log_dataset(self, prepared) -> None:
         """The manifest as an artifact, and each split as a dataset input keyed by the content hash."""
-        import mlflow
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
@@ -126,9 +125,12 @@ class JobRun:
         self._client.log_dict(self.run_id, m, "data/manifest.json")
         inputs = []
         for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
-            source = resolve_dataset_source(str(prepared.split_path(split).resolve()))
+            uri = prepared.split_path(split).resolve().as_uri()
+            # Several sources claim local paths; the artifact-store one keeps the UI's link usable.
+            candidates = [s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource"]
+            source = resolve_dataset_source(uri, candidate_sources=candidates[:1] or None)
             ds = MetaDataset(source=source, name=f"{m['dataset']}-{split}", digest=m["content_hash"][:36])
-            inputs.append(DatasetInput(ds._to_mlflow_entity(), [InputTag(mlflow.data.dataset.MLFLOW_DATASET_CONTEXT if hasattr(mlflow.data.dataset, "MLFLOW_DATASET_CONTEXT") else "mlflow.data.context", context)]))
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
         self._client.log_inputs(self.run_id, datasets=inputs)
         counts = m["counts"]
         self.log_metrics({f"data/{k}_rows": v for k, v in counts.items()}, step=0)
@@ -152,7 +154,7 @@ class JobRun:
         import torch
 
         with torch.no_grad():
-            out = model(torch.as_tensor(example)).numpy()
+            out = model(torch.from_numpy(np.array(example, dtype=np.float32))).numpy()
         signature = infer_signature(np.asarray(example), out)
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(
