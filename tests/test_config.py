@@ -75,3 +75,8 @@ def test_spec_hash_is_stable_and_sensitive():
     b.train.epochs = 99
     assert a.digest() != b.digest()
     assert a.flat()["train.epochs"] == 10
+
+
+def test_names_from_other_tools_suggest_ours():
+    with pytest.raises(SpecError, match=r"train.learning_rate: unknown key \(did you mean 'train.lr'\?\)"):
+        validate_spec({"name": "x", "kind": "train", "train": {"learning_rate": 0.1}})

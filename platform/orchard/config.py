@@ -150,6 +150,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Names users bring from other tools, mapped to ours (checked before fuzzy matching).
+_SYNONYMS = {
+    "learning_rate": "lr", "lerning_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs",
+    "batch": "batch_size", "workers": "num_workers", "n_workers": "num_workers", "gpu": "use_gpu",
+    "num_clients": "clients", "n_clients": "clients", "num_rounds": "rounds", "arch": "family",
+    "layers": "hidden", "label_column": "label", "activation_fn": "activation",
+}
+
+
 def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model that owns the mapping at ``path`` (for did-you-mean suggestions)."""
     model: type[BaseModel] = JobSpec
@@ -163,13 +172,15 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
+    loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "<root>"
     if err["type"] == "extra_forbidden":
         owner = _model_at(loc[:-1])
         hint = ""
         if owner is not None:
-            close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1, cutoff=0.5)
+            synonym = _SYNONYMS.get(str(loc[-1]).lower())
+            close = [synonym] if synonym in owner.model_fields else difflib.get_close_matches(
+                str(loc[-1]), list(owner.model_fields), n=1, cutoff=0.5)
             if close:
                 hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
             else:
