@@ -59,6 +59,10 @@ class DataSpec(_Section):
     image_shape: list[int] | None = Field(
         None, description="Reshape a row into [channels, height, width] for CNNs (digits sets [1, 8, 8])."
     )
+    sequence_shape: list[int] | None = Field(
+        None, description="Read a row as [steps, features] for RNNs/Transformers; default from image_shape "
+        "([C, H, W] -> [H, C*W]) or one feature per step."
+    )
     split: SplitSpec = Field(default_factory=SplitSpec, description="Train/val/test split.")
     files_per_split: int = Field(2, ge=1, le=1024, description="Parquet files written per split.")
     output: str = Field(".orchard/data", description="Folder under which prepared datasets are kept.")
@@ -66,7 +70,7 @@ class DataSpec(_Section):
 
 
 class ModelSpec(_Section):
-    family: Literal["mlp", "cnn"] = Field("mlp", description="Model family.")
+    family: Literal["mlp", "cnn", "rnn", "transformer"] = Field("mlp", description="Model family.")
     hidden: list[int] = Field([128, 64], description="MLP hidden layer widths / CNN classifier head widths.")
     channels: list[int] = Field([32, 64], description="CNN conv channels, one block per entry.")
     kernel_size: int = Field(3, ge=1, le=15, description="CNN kernel size.")
@@ -76,6 +80,21 @@ class ModelSpec(_Section):
     )
     norm: Literal["batch", "layer", "none"] = Field("none", description="Normalization layer.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout probability.")
+    cell: Literal["lstm", "gru"] = Field("lstm", description="RNN cell.")
+    rnn_hidden: int = Field(128, ge=1, le=65536, description="RNN hidden size per direction.")
+    rnn_layers: int = Field(1, ge=1, le=64, description="Stacked RNN layers.")
+    bidirectional: bool = Field(False, description="RNN reads the sequence both ways.")
+    d_model: int = Field(64, ge=8, le=65536, description="Transformer width.")
+    heads: int = Field(4, ge=1, le=256, description="Transformer attention heads (must divide d_model).")
+    layers: int = Field(2, ge=1, le=256, description="Transformer encoder layers.")
+    ff_mult: int = Field(4, ge=1, le=16, description="Transformer feed-forward width = ff_mult * d_model.")
+    pooling: Literal["mean", "cls", "last"] = Field("mean", description="How a sequence becomes one vector.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSpec:
+        if self.family == "transformer" and self.d_model % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model})")
+        return self
 
     @field_validator("hidden", "channels")
     @classmethod
@@ -85,6 +104,26 @@ class ModelSpec(_Section):
         return v
 
 
+class EarlyStoppingSpec(_Section):
+    metric: str = Field("val/loss", description="Validation metric to watch, e.g. val/loss or val/accuracy.")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="auto = min for losses/errors, else max.")
+    patience: int = Field(5, ge=1, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_metric(cls, v: str) -> str:
+        if not v.startswith("val/"):
+            raise ValueError("early stopping watches a validation metric: val/<name>")
+        return v
+
+    def direction(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        name = self.metric.split("/", 1)[1]
+        return "min" if name in ("loss", "mae", "rmse", "mse") else "max"
+
+
 class TrainSpec(_Section):
     epochs: int = Field(10, ge=1, le=10_000, description="Passes over the training split.")
     batch_size: int = Field(64, ge=1, le=1_000_000, description="Rows per step per worker.")
@@ -92,7 +131,25 @@ class TrainSpec(_Section):
     lr: float = Field(1e-3, gt=0, le=10, description="Learning rate.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="Weight decay (L2 for sgd/adam, decoupled for adamw).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd).")
     seed: int = Field(0, description="Seed for weights and shuffling.")
+    loss: Literal["auto", "cross_entropy", "bce", "mse", "huber"] = Field(
+        "auto", description="auto = cross_entropy (multi-class), bce (binary), mse (regression).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none", description="Cross-entropy/BCE class weights: none, balanced (from train counts) or a list.")
+    huber_delta: float = Field(1.0, gt=0, description="Huber loss delta.")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step.")
+    schedule: Literal["constant", "step", "cosine", "onecycle"] = Field("constant", description="LR schedule.")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear LR warmup length in epochs (not onecycle).")
+    step_size: int = Field(10, ge=1, description="Epochs between LR decays (schedule: step).")
+    gamma: float = Field(0.1, gt=0, le=1, description="LR decay factor (schedule: step).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR / peak LR (cosine).")
+    early_stopping: EarlyStoppingSpec | None = Field(None, description="Stop when validation stops improving.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 autocast on GPUs that support it, else fp32; fp16 uses GradScaler.")
+    compile: bool = Field(False, description="torch.compile the model.")
 
 
 class ScalingSpec(_Section):
@@ -100,6 +157,9 @@ class ScalingSpec(_Section):
     use_gpu: bool | Literal["auto"] = Field("auto", description="Use GPUs: auto = when the cluster has any.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     storage_path: str = Field(".orchard/ray_results", description="Where Ray Train keeps checkpoints.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallel (ddp) or sharded (fsdp).")
+    max_failures: int = Field(0, ge=-1, le=1000, description="Worker-group restarts from the last checkpoint; -1 = unlimited.")
+    keep_checkpoints: int = Field(3, ge=1, le=1000, description="Checkpoints kept (the best one is never dropped).")
 
 
 class FederatedSpec(_Section):

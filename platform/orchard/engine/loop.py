@@ -2,12 +2,13 @@
 
 Batches are ``(features, label)`` tensor pairs from any iterable: a Ray Data shard on a Ray Train worker,
 a DataLoader over a Flower client's partition, or in-memory tensors in a benchmark. When
-``torch.distributed`` is initialised, ``evaluate`` all-reduces its sums so every rank returns the global
-figures for the whole (sharded) split.
+``torch.distributed`` is initialised, sums are all-reduced so every rank returns the global figures.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orchard.config import TrainSpec
-from orchard.engine.metrics import classification_metrics
+from orchard.engine.tasks import EvalSums, Task
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -26,12 +27,49 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 @dataclass
 class EpochResult:
     loss: float
-    accuracy: float
+    accuracy: float | None
     samples: int
     confusion: np.ndarray | None = field(default=None, repr=False)
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}/loss": self.loss, f"{prefix}/accuracy": self.accuracy}
+        out = {f"{prefix}/{k}": v for k, v in self.metrics.items()}
+        out[f"{prefix}/loss"] = self.loss
+        if self.accuracy is not None:
+            out[f"{prefix}/accuracy"] = self.accuracy
+        return out
+
+
+@dataclass
+class LoopOptions:
+    """Per-step behaviour from the spec: precision, clipping, accumulation and the LR schedule."""
+
+    grad_clip: float | None = None
+    grad_accum: int = 1
+    autocast_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    @classmethod
+    def from_spec(cls, spec: TrainSpec, device: torch.device, optimizer=None, steps_per_epoch: int = 0
+                  ) -> LoopOptions:
+        dtype = autocast_dtype(spec.precision, device)
+        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        sched = build_scheduler(optimizer, spec, steps_per_epoch) if optimizer is not None else None
+        return cls(spec.grad_clip, spec.grad_accum, dtype, scaler, sched)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    # auto: bf16 where the GPU runs it natively; CPUs and older GPUs keep fp32.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -40,13 +78,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device | None = None) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if device is not None and device.type == "cuda" and spec.optimizer != "sgd" else {}
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov and spec.momentum > 0,
+                               weight_decay=spec.weight_decay)
     if spec.optimizer == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, **fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec, steps_per_epoch: int):
+    """A per-optimizer-step schedule; None for a constant LR without warmup."""
+    steps_per_epoch = max(1, steps_per_epoch)
+    total = max(1, spec.epochs * steps_per_epoch)
+    if spec.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr, total_steps=total + 1)
+    warmup = int(spec.warmup_epochs * steps_per_epoch)
+    if spec.schedule == "constant" and warmup == 0:
+        return None
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if spec.schedule == "step":
+            return spec.gamma ** ((step // steps_per_epoch) // spec.step_size)
+        if spec.schedule == "cosine":
+            t = min(1.0, (step - warmup) / max(1, total - warmup))
+            return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def default_task(num_classes: int) -> Task:
+    return Task("multiclass", num_classes, nn.CrossEntropyLoss())
 
 
 def _reduce(values: list[float], device: torch.device) -> list[float]:
@@ -57,39 +124,71 @@ def _reduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable[Batch],
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-    loss_fn: nn.Module | None = None,
+    task: Task | None = None,
+    options: LoopOptions | None = None,
     proximal_mu: float = 0.0,
     global_params: list[torch.Tensor] | None = None,
 ) -> EpochResult:
     """One pass over ``batches``. Loss/accuracy are averaged over every rank's samples."""
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    opts = options or LoopOptions()
     model.train()
     # Sums stay on the device: a .item() per step would force a host sync every batch.
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
+    seen, micro = 0, 0
+    optimizer.zero_grad(set_to_none=True)
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = loss_fn(logits, y)
+        if task is None:
+            task = default_task(0)
+        with _autocast(device, opts.autocast_dtype):
+            out = model(x)
+            loss = task.loss(out, y)
         if proximal_mu > 0 and global_params is not None:
             # FedProx: keep the local model near the round's global weights.
             prox = sum((p - g).pow(2).sum() for p, g in zip(model.parameters(), global_params, strict=True))
             loss = loss + proximal_mu / 2 * prox
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaled = loss / opts.grad_accum
+        (opts.scaler.scale(scaled) if opts.scaler else scaled).backward()
+        micro += 1
+        if micro % opts.grad_accum == 0:
+            _step(model, optimizer, opts)
         loss_sum += loss.detach().double() * y.shape[0]
-        correct += (logits.detach().argmax(1) == y).sum()
+        if task.classification:
+            correct += (task.predict(out.detach()) == y).sum()
         seen += int(y.shape[0])
+    if micro % opts.grad_accum:
+        _step(model, optimizer, opts)  # the epoch's last partial accumulation still counts
     total_loss, total_correct, total_seen = _reduce([loss_sum.item(), float(correct.item()), float(seen)], device)
     n = max(total_seen, 1.0)
-    return EpochResult(loss=total_loss / n, accuracy=total_correct / n, samples=int(total_seen))
+    acc = total_correct / n if task is None or task.classification else None
+    return EpochResult(loss=total_loss / n, accuracy=acc, samples=int(total_seen))
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, opts: LoopOptions) -> None:
+    if opts.scaler:
+        opts.scaler.unscale_(optimizer)
+    if opts.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+    if opts.scaler:
+        opts.scaler.step(optimizer)
+        opts.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if opts.scheduler is not None:
+        opts.scheduler.step()
 
 
 @torch.no_grad()
@@ -97,23 +196,25 @@ def evaluate(
     model: nn.Module,
     batches: Iterable[Batch],
     device: torch.device,
-    num_classes: int,
-    loss_fn: nn.Module | None = None,
+    task: Task | int,
+    options: LoopOptions | None = None,
 ) -> EpochResult:
-    """Loss, accuracy and the confusion matrix over ``batches`` (global across ranks)."""
-    loss_fn = loss_fn or nn.CrossEntropyLoss(reduction="sum")
+    """Loss and the task's metrics over ``batches`` (global across ranks). ``task`` may be a class count."""
+    task = default_task(task) if isinstance(task, int) else task
+    dtype = options.autocast_dtype if options else None
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    cm = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
+    sums = EvalSums(task, device)
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss_sum += loss_fn(logits, y).double()
-        cm += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+        with _autocast(device, dtype):
+            out = model(x)
+        sums.add(out.float(), y)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(cm)
-    confusion = cm.reshape(num_classes, num_classes).cpu().numpy()
-    n = int(confusion.sum())
-    acc = classification_metrics(confusion)["accuracy"] if n else 0.0
-    return EpochResult(loss=loss_sum.item() / max(n, 1), accuracy=acc, samples=n, confusion=confusion)
+        for t in sums.tensors():
+            dist.all_reduce(t)
+    metrics = sums.metrics()
+    loss = metrics.pop("loss")
+    acc = metrics.pop("accuracy", None)
+    confusion = sums.confusion_matrix() if task.classification else None
+    return EpochResult(loss=loss, accuracy=acc, samples=int(sums.count.item()), confusion=confusion,
+                       metrics=metrics)

@@ -84,7 +84,8 @@ def _progress_callback(logger: RunLogger | None, progress_file: Path | None):
 
 
 def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None = None,
-                 run_dir: Path | None = None) -> TrainResult:
+                 run_dir: Path | None = None, run_name: str | None = None) -> TrainResult:
+    """Fit ``spec`` on ``prepared``. A ``run_name`` seen before resumes from that run's latest checkpoint."""
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -99,17 +100,17 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None
     progress_file = (run_dir / "progress.json").resolve() if run_dir else None
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "manifest": prepared.manifest},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "manifest": _worker_manifest(spec, prepared)},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         datasets=datasets,
         # val/test are read whole by every rank, which evaluates every world-th batch: exact counts, no dropped rows.
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
-            name=f"{spec.name}-{logger.run_id if logger else spec.digest()}",
+            name=run_name or f"{spec.name}-{logger.run_id if logger else spec.digest()}",
             storage_path=str(Path(spec.scaling.storage_path).resolve()),
-            checkpoint_config=CheckpointConfig(num_to_keep=3),
-            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.scaling.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
             callbacks=[_progress_callback(logger, progress_file)],
         ),
     )
@@ -118,10 +119,30 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None
     return _collect(spec, prepared, result.checkpoint, TEST_FILE)
 
 
+def _worker_manifest(spec: JobSpec, prepared: PreparedData) -> dict[str, Any]:
+    """The manifest plus what workers need that it may lack (class counts for balanced weights)."""
+    manifest = dict(prepared.manifest)
+    if spec.train.class_weights == "balanced" and "class_counts" not in manifest:
+        import pyarrow.dataset as pds
+
+        labels = pds.dataset(str(prepared.split_path("train")), format="parquet").to_table(columns=["label"])
+        counts = np.bincount(labels.column("label").to_numpy(), minlength=manifest["num_classes"])
+        manifest["class_counts"] = counts.tolist()
+    return manifest
+
+
 def _collect(spec: JobSpec, prepared: PreparedData, checkpoint, test_file: str) -> TrainResult:
-    model = model_from_manifest(spec.model, prepared.manifest)
+    from safetensors.torch import load_file
+
+    from orchard.train.worker import BEST_FILE
+
+    model = model_from_manifest(spec.model, prepared.manifest, spec.data.sequence_shape, spec.train.loss)
     with checkpoint.as_directory() as d:
         state = load_checkpoint(d, model)
+        if Path(d, BEST_FILE).is_file():
+            model.load_state_dict(load_file(str(Path(d, BEST_FILE))))
         test = json.loads(Path(d, test_file).read_text())
+    confusion = np.asarray(test["confusion"]) if test["confusion"] is not None else None
     return TrainResult(model=model.eval(), history=state["history"], test_metrics=test["metrics"],
-                       confusion=np.asarray(test["confusion"]), checkpoint_path=checkpoint.path)
+                       confusion=confusion, checkpoint_path=checkpoint.path,
+                       extra={"best_epoch": test.get("best_epoch")})

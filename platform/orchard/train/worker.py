@@ -1,36 +1,40 @@
 """The per-worker training function: plain PyTorch with Ray at marked points only.
 
 Ray appears in four places: the dataset shard, ``prepare_model``, ``get_checkpoint`` and ``report``.
-Every worker calls ``report`` the same number of times (it is a barrier); only rank 0 attaches a checkpoint.
+Every worker calls ``report`` the same number of times (it is a barrier); only rank 0 attaches a
+checkpoint. Every rank sees the same all-reduced validation metrics, so every rank takes the same
+early-stopping decision and the report counts stay equal.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import ray.train
 import ray.train.torch
 from orchard.config import JobSpec
-from orchard.engine import build_optimizer, evaluate, seed_everything, train_epoch
-from orchard.engine.checkpoint import load_checkpoint, save_checkpoint
-from orchard.engine.metrics import classification_metrics
+from orchard.engine import LoopOptions, build_optimizer, evaluate, make_task, seed_everything, train_epoch
+from orchard.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from orchard.engine.early_stopping import EarlyStopper
 from orchard.models import model_from_manifest
 
 TEST_FILE = "test.json"
+BEST_FILE = "best.safetensors"
 
 
-def _batches(it, batch_size: int, rank_slice: tuple[int, int] | None = None
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(it, batch_size: int, label_dtype: torch.dtype, rank_slice: tuple[int, int] | None = None,
+             pin: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(features, label) pairs from a Ray Data iterator; rank_slice=(rank, world) deals batches round-robin."""
-    for i, b in enumerate(it.iter_torch_batches(batch_size=batch_size, prefetch_batches=2,
-                                                dtypes={"features": torch.float32, "label": torch.int64}
-                                                )):
+    for i, b in enumerate(it.iter_torch_batches(batch_size=batch_size, prefetch_batches=2, pin_memory=pin,
+                                                dtypes={"features": torch.float32, "label": label_dtype})):
         if rank_slice is None or i % rank_slice[1] == rank_slice[0]:
             yield b["features"], b["label"]
 
@@ -38,48 +42,95 @@ def _batches(it, batch_size: int, rank_slice: tuple[int, int] | None = None
 def train_loop(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(config["spec"])
     manifest = config["manifest"]
+    label_dtype = torch.float32 if manifest.get("task") == "regression" else torch.int64
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
     seed_everything(spec.train.seed)
 
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(model_from_manifest(spec.model, manifest))
-    optimizer = build_optimizer(model, spec.train)
-    num_classes = manifest["num_classes"]
+    task = make_task(manifest, spec.train, manifest.get("class_counts"))
+    task.loss_fn.to(device)
+    model = model_from_manifest(spec.model, manifest, spec.data.sequence_shape, spec.train.loss)
+    model = ray.train.torch.prepare_model(model, parallel_strategy=spec.scaling.strategy)
+    if spec.train.compile:
+        model = torch.compile(model)
+    optimizer = build_optimizer(model, spec.train, device)
+    rows = manifest["counts"]["train"] // world
+    steps = math.ceil(math.ceil(rows / spec.train.batch_size) / spec.train.grad_accum)
+    opts = LoopOptions.from_spec(spec.train, device, optimizer, steps)
+    stopper = EarlyStopper(spec.train.early_stopping)
 
-    start_epoch, history = 1, []
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as d:
-            state = load_checkpoint(d, model, optimizer)
-        start_epoch, history = state["epoch"] + 1, state.get("history", [])
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_ds = ray.train.get_dataset_shard("val")
-    for epoch in range(start_epoch, spec.train.epochs + 1):
-        tr = train_epoch(model, _batches(train_shard, spec.train.batch_size), optimizer, device)
-        va = evaluate(model, _batches(val_ds, spec.train.batch_size * 4, (rank, world)), device, num_classes)
-        metrics = {"epoch": epoch, **tr.as_metrics("train"), **va.as_metrics("val"), "train/samples": tr.samples}
+    start, history, best = _resume(model, optimizer, opts, stopper)
+    pin = device.type == "cuda"
+    train_shard, val_ds = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(start, spec.train.epochs + 1):
+        tr = train_epoch(model, _batches(train_shard, spec.train.batch_size, label_dtype, pin=pin), optimizer, device, task, opts)
+        va = evaluate(model, _batches(val_ds, spec.train.batch_size * 4, label_dtype, (rank, world), pin), device, task, opts)
+        metrics = {"epoch": epoch, **tr.as_metrics("train"), **va.as_metrics("val"),
+                   "train/samples": tr.samples, "train/lr": optimizer.param_groups[0]["lr"]}
+        if stopper.update(metrics, epoch):
+            best = _cpu_state(model)  # without early stopping best stays None: the last epoch is used
         history.append(metrics)
-        _report(metrics, rank, model, optimizer, {"epoch": epoch, "history": history})
+        state = {"epoch": epoch, "history": history, "stopper": stopper.state(), "scheduler": _sched_state(opts)}
+        _report(metrics | {"best_epoch": stopper.best_epoch or epoch}, rank, model, optimizer, state, best)
+        if stopper.should_stop:
+            break
 
-    test_ds = ray.train.get_dataset_shard("test")
-    te = evaluate(model, _batches(test_ds, spec.train.batch_size * 4, (rank, world)), device, num_classes)
-    scores = classification_metrics(te.confusion)
-    test_metrics = {f"test/{k}": v for k, v in scores.items()} | {"test/loss": te.loss}
-    final_state = {"epoch": spec.train.epochs, "history": history, "final": True}
-    _report(test_metrics | {"epoch": spec.train.epochs}, rank, model, optimizer, final_state,
-             extra={TEST_FILE: {"metrics": test_metrics, "confusion": te.confusion.tolist()}})
+    # The best epoch's weights (by the early-stopping metric, else the last) are the ones tested and logged.
+    if best is not None:
+        unwrap(model).load_state_dict(best)
+    te = evaluate(model, _batches(ray.train.get_dataset_shard("test"), spec.train.batch_size * 4, label_dtype,
+                           (rank, world), pin),
+                  device, task, opts)
+    test_metrics = te.as_metrics("test")
+    confusion = te.confusion.tolist() if te.confusion is not None else None
+    last = history[-1]["epoch"] if history else spec.train.epochs
+    final = {"epoch": last, "history": history, "final": True, "stopper": stopper.state()}
+    _report(test_metrics | {"epoch": last}, rank, model, optimizer, final, best,
+            extra={TEST_FILE: {"metrics": test_metrics, "confusion": confusion, "best_epoch": stopper.best_epoch}})
+
+
+def _resume(model: nn.Module, optimizer, opts: LoopOptions, stopper: EarlyStopper):
+    """Continue from the latest checkpoint after a worker-group restart or ``orchard run --resume``."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 1, [], None
+    from safetensors.torch import load_file
+
+    with ckpt.as_directory() as d:
+        state = load_checkpoint(d, model, optimizer)
+        best = load_file(str(Path(d, BEST_FILE))) if Path(d, BEST_FILE).is_file() else None
+    if opts.scheduler is not None and state.get("scheduler"):
+        opts.scheduler.load_state_dict(state["scheduler"])
+    stopper.load_state(state.get("stopper"))
+    history = [h for h in state.get("history", []) if h["epoch"] <= state["epoch"]]
+    return state["epoch"] + 1, history, best
+
+
+def _sched_state(opts: LoopOptions) -> dict[str, Any] | None:
+    if opts.scheduler is None:
+        return None
+    # LambdaLR's state holds the lambda itself; everything else is JSON-safe numbers and lists.
+    return {k: v for k, v in opts.scheduler.state_dict().items() if k != "lr_lambdas"}
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # Collective under FSDP: every rank calls it, then only rank 0 writes.
+    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
 
 
 def _report(metrics: dict[str, Any], rank: int, model, optimizer, state: dict[str, Any],
-            extra: dict[str, Any] | None = None) -> None:
+            best: dict[str, torch.Tensor] | None, extra: dict[str, Any] | None = None) -> None:
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
+    from safetensors.torch import save_file
+
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(tmp, model, optimizer, state)
+        if best is not None:
+            save_file({k: v.contiguous() for k, v in best.items()}, str(Path(tmp, BEST_FILE)))
         for name, payload in (extra or {}).items():
             Path(tmp, name).write_text(json.dumps(payload))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
