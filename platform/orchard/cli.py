@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import traceback
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -32,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="job spec (YAML)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec field, e.g. --set train.epochs=3 (repeatable)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue this spec's newest unfinished run from its last checkpoint")
 
     prep = sub.add_parser("prep", help="run only the Spark data preparation of a spec")
     prep.add_argument("spec")
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console()
+    # Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80-column default.
+    console = Console() if sys.stdout.isatty() else Console(width=140)
     try:
         return {"run": _run, "prep": _prep, "check": _check, "demo": _demo, "ui": _ui}[args.verb](args, console)
     except SpecError as exc:
@@ -66,19 +68,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, console: Console) -> int:
     spec = load_spec(args.spec, args.overrides)
-    summary = _execute(spec, console)
+    summary = _execute(spec, console, resume=args.resume)
     if summary is None:
         return EXIT_FAILED
     _print_summary([summary], console)
     return EXIT_OK
 
 
-def _execute(spec, console: Console):
+def _execute(spec, console: Console, resume: bool = False):
     from orchard.runner import run_job
 
-    console.print(f"[bold]orchard run[/] {spec.name} ({spec.kind})")
+    console.print(f"[bold]orchard run[/] {spec.name} ({spec.kind}){' --resume' if resume else ''}")
     try:
-        return run_job(spec, console)
+        return run_job(spec, console, resume=resume)
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - any engine failure is reported, with the log to read
@@ -125,10 +127,11 @@ def _demo(args, console: Console) -> int:
 
 def _print_summary(summaries, console: Console) -> None:
     table = Table(title="Orchard jobs")
-    for col in ("job", "engine", "test accuracy", "test F1", "wall time", "MLflow run id"):
-        table.add_column(col)
+    for col in ("job", "engine", "test metric", "test F1", "wall time", "MLflow run id"):
+        table.add_column(col, overflow="fold")
     for s in summaries:
-        table.add_row(s.name, s.engine, f"{s.test_accuracy:.4f}", f"{s.test_f1:.4f}", f"{s.wall_s:.1f} s", s.run_id)
+        f1 = "–" if s.test_f1 is None else f"{s.test_f1:.4f}"
+        table.add_row(s.name, s.engine, f"{s.headline[0]} {s.headline[1]:.4f}", f1, f"{s.wall_s:.1f} s", s.run_id)
     console.print(table)
     for s in summaries:
         if s.quarantined:

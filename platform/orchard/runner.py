@@ -25,8 +25,8 @@ class JobSummary:
     name: str
     kind: str
     engine: str
-    test_accuracy: float
-    test_f1: float
+    headline: tuple[str, float]  # the test metric people look at first (accuracy, or R² for regression)
+    test_f1: float | None
     wall_s: float
     run_id: str
     tracking_uri: str
@@ -40,14 +40,16 @@ def run_dir_for(spec: JobSpec) -> Path:
     return Path(".orchard/runs") / f"{spec.name}-{stamp}"
 
 
-def run_job(spec: JobSpec, console: Console | None = None) -> JobSummary:
+def run_job(spec: JobSpec, console: Console | None = None, resume: bool = False) -> JobSummary:
+    """Run ``spec``; with ``resume``, continue its newest unfinished run from the last checkpoint."""
     console = console or Console()
+    resume_id = _resumable(spec) if resume else None
     run_dir = run_dir_for(spec)
     log_path = run_dir / "engine.log"
     t0 = time.perf_counter()
     with engine_output_to(log_path, console) as term, _progress(term) as progress:
         prepared = _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
-        summary = _tracked(spec, prepared, progress, run_dir)
+        summary = _tracked(spec, prepared, progress, run_dir, resume_id)
     summary.wall_s = time.perf_counter() - t0
     summary.log_path = log_path
     return summary
@@ -66,12 +68,24 @@ def _prepare(spec: JobSpec, log_path: Path):
     return prepare(spec, log_path=log_path)
 
 
-def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path) -> JobSummary:
+def _resumable(spec: JobSpec) -> str:
+    from orchard.config import SpecError
     from orchard.tracking import JobRun
 
-    job = JobRun(spec)
+    run_id = JobRun.interrupted_run(spec)
+    if run_id is None:
+        raise SpecError(f"--resume: no unfinished run of '{spec.name}' with this exact spec "
+                        f"(spec hash {spec.digest()}) in the tracking store")
+    return run_id
+
+
+def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path, resume_id: str | None) -> JobSummary:
+    from orchard.tracking import JobRun
+
+    job = JobRun(spec, resume_run_id=resume_id)
     try:
-        job.log_dataset(prepared)
+        if not job.resumed:
+            job.log_dataset(prepared)
         if spec.kind == "train":
             result = _train(spec, prepared, job, progress, run_dir)
             engine = f"Ray Train ({spec.scaling.num_workers} workers)"
@@ -84,8 +98,9 @@ def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path) -> JobS
         job.finish("FAILED")
         raise
     job.finish("FINISHED")
-    return JobSummary(name=spec.name, kind=spec.kind, engine=engine,
-                      test_accuracy=result["test/accuracy"], test_f1=result["test/f1"], wall_s=0.0,
+    headline = ("R²", result["test/r2"]) if "test/r2" in result else ("accuracy", result["test/accuracy"])
+    return JobSummary(name=spec.name, kind=spec.kind, engine=engine, headline=headline,
+                      test_f1=result.get("test/f1"), wall_s=0.0,
                       run_id=job.run_id, tracking_uri=job.uri, quarantined=prepared.quarantined,
                       log_path=run_dir, model_uri=model_uri)
 
@@ -94,18 +109,18 @@ def _train(spec: JobSpec, prepared, job, progress: Progress, run_dir: Path) -> d
     from orchard.train import run_training
 
     with _watch(progress, run_dir / "progress.json", "train (Ray Train)", spec.train.epochs, "epoch"):
-        res = run_training(spec, prepared, job.logger, run_dir)
+        # The Ray Train run is named after the MLflow run, so --resume finds its checkpoints again.
+        res = run_training(spec, prepared, job.logger, run_dir, run_name=f"{spec.name}-{job.run_id}")
     return {"history": res.history, "x": "epoch", "confusion": res.confusion, "model": res.model,
             **res.test_metrics}
 
 
 def _federate(spec: JobSpec, prepared, job, progress: Progress, run_dir: Path) -> dict[str, Any]:
-    from orchard.engine.metrics import classification_metrics
     from orchard.federated import run_federated
 
     with _watch(progress, run_dir / "progress.json", "federate (Flower)", spec.federated.rounds, "round"):
         res = run_federated(spec, prepared, job, log_path=run_dir / "engine.log")
-    scores = {f"test/{k}": v for k, v in classification_metrics(res.test.confusion).items()}
+    scores = res.test.as_metrics("test")
     return {"history": res.history, "x": "round", "confusion": res.test.confusion, "model": res.model, **scores}
 
 
@@ -114,13 +129,14 @@ def _log_outputs(job, spec: JobSpec, prepared, result: dict[str, Any]) -> str | 
 
     from orchard.tracking import plots
 
-    for name, fig in (
-        ("plots/learning_curve.png", plots.learning_curve(result["history"], result["x"], f"{spec.name}")),
-        ("plots/confusion_matrix.png", plots.confusion_matrix(result["confusion"], prepared.manifest["classes"])),
-    ):
+    figures = [("plots/learning_curve.png", plots.learning_curve(result["history"], result["x"], spec.name))]
+    if result["confusion"] is not None:
+        figures.append(("plots/confusion_matrix.png",
+                        plots.confusion_matrix(result["confusion"], prepared.manifest["classes"])))
+        job.log_text(json.dumps(np.asarray(result["confusion"]).tolist()), "metrics/confusion_matrix.json")
+    for name, fig in figures:
         job.log_figure(fig, name)
         plots.close(fig)
-    job.log_text(json.dumps(np.asarray(result["confusion"]).tolist()), "metrics/confusion_matrix.json")
     if not spec.tracking.log_model:
         return None
     example = _input_example(prepared)

@@ -13,7 +13,9 @@ def test_standard_stats_equal_numpy_on_raw_train_rows_only(spark, make_spec, dig
     raw_train, _ = read_split(digits_raw, "train")
     stats = prepared.manifest["stats"]
 
-    np.testing.assert_allclose(stats["mean"], raw_train.astype(np.float64).mean(axis=0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        stats["mean"], raw_train.astype(np.float64).mean(axis=0), rtol=1e-9, atol=1e-12
+    )
     np.testing.assert_allclose(stats["std"], raw_train.astype(np.float64).std(axis=0), rtol=1e-9, atol=1e-12)
     everything = np.concatenate([read_split(digits_raw, s)[0] for s in ("train", "val", "test")])
     assert not np.allclose(stats["mean"], everything.mean(axis=0), rtol=1e-6)

@@ -24,7 +24,9 @@ def _line(values: list) -> str:
     return ",".join(str(v) for v in values)
 
 
-def test_malformed_rows_of_every_kind_are_quarantined_with_row_and_reason(spark, make_spec, tmp_path, cancer_rows):
+def test_malformed_rows_of_every_kind_are_quarantined_with_row_and_reason(
+    spark, make_spec, tmp_path, cancer_rows
+):
     header, good = cancer_rows
     rows: list = list(good[:400])
     # 1-based data row number (header excluded) -> (line as written, expected reason fragment)
@@ -48,7 +50,10 @@ def test_malformed_rows_of_every_kind_are_quarantined_with_row_and_reason(spark,
     assert counts["input"] == len(rows) + len(duplicates)
     assert counts["quarantined"] == len(bad)
     assert counts["duplicates"] == len(duplicates)
-    assert counts["train"] + counts["val"] + counts["test"] + counts["quarantined"] + counts["duplicates"] == counts["input"]
+    assert (
+        counts["train"] + counts["val"] + counts["test"] + counts["quarantined"] + counts["duplicates"]
+        == counts["input"]
+    )
     assert prepared.manifest["quarantine_path"] == "quarantine"
     quarantine = pq.read_table(prepared.path / "quarantine").to_pylist()
     assert [q["row"] for q in quarantine] == sorted(bad)
@@ -79,7 +84,10 @@ def test_string_labels_become_sorted_class_indices(spark, make_spec, tmp_path):
     x, y = read_split(prepared, "train")
     assert y.dtype == np.int64
     # The class index points back at the label each row had.
-    assert all(["cat", "dog", "emu"][label] == ["cat", "dog", "emu"][int(row[0]) % 3] for row, label in zip(x, y, strict=True))
+    assert all(
+        ["cat", "dog", "emu"][label] == ["cat", "dog", "emu"][int(row[0]) % 3]
+        for row, label in zip(x, y, strict=True)
+    )
 
 
 def test_numeric_labels_written_differently_are_one_class(spark, make_spec, tmp_path):

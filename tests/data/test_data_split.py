@@ -14,9 +14,13 @@ from tests.data.prep_helpers import read_split, row_set, write_csv
 SPLITS = ("train", "val", "test")
 
 
-def test_same_seed_gives_identical_splits_and_order_on_rerun_with_other_parallelism(spark, make_spec, tmp_path, digits_raw):
+def test_same_seed_gives_identical_splits_and_order_on_rerun_with_other_parallelism(
+    spark, make_spec, tmp_path, digits_raw
+):
     # Shuffle partitions are not part of the content hash: a fresh output folder forces a recompute.
-    again = prepare(make_spec(normalize="none", output=str(tmp_path / "again"), spark={"shuffle_partitions": 7}))
+    again = prepare(
+        make_spec(normalize="none", output=str(tmp_path / "again"), spark={"shuffle_partitions": 7})
+    )
     assert not again.reused
     assert again.path.name == digits_raw.path.name
     for split in SPLITS:
@@ -29,7 +33,9 @@ def test_different_seed_gives_different_splits(spark, make_spec, digits_raw):
     assert other.path != digits_raw.path
     assert row_set(other, "train") != row_set(digits_raw, "train")
     # Same rows overall: only their assignment changed.
-    assert set().union(*(row_set(other, s) for s in SPLITS)) == set().union(*(row_set(digits_raw, s) for s in SPLITS))
+    assert set().union(*(row_set(other, s) for s in SPLITS)) == set().union(
+        *(row_set(digits_raw, s) for s in SPLITS)
+    )
 
 
 def test_each_class_share_per_split_is_within_one_row_of_target(digits_raw):
@@ -51,7 +57,9 @@ def test_splits_are_disjoint_and_rows_are_shuffled(digits_raw):
 
 
 def test_unstratified_zero_val_split_is_empty_but_keeps_the_schema(spark, make_spec, digits_raw):
-    prepared = prepare(make_spec(normalize="none", split={"train": 0.8, "val": 0.0, "test": 0.2, "stratify": False}))
+    prepared = prepare(
+        make_spec(normalize="none", split={"train": 0.8, "val": 0.0, "test": 0.2, "stratify": False})
+    )
     counts = prepared.manifest["counts"]
     assert counts["val"] == 0
     assert counts["train"] == round(0.8 * (counts["input"] - counts["duplicates"]))
@@ -68,7 +76,9 @@ def test_csv_row_numbers_and_splits_do_not_depend_on_file_partitioning(spark, ma
     for max_bytes in ("2k", "128m"):
         with _spark_conf(spark, "spark.sql.files.maxPartitionBytes", max_bytes):
             blocks = spark.read.text(str(path)).rdd.getNumPartitions()
-            prepared = prepare(make_spec(source=str(path), normalize="none", output=str(tmp_path / max_bytes)))
+            prepared = prepare(
+                make_spec(source=str(path), normalize="none", output=str(tmp_path / max_bytes))
+            )
         quarantine = pq.read_table(prepared.path / "quarantine").to_pylist()
         results.append((blocks, [q["row"] for q in quarantine], [read_split(prepared, s) for s in SPLITS]))
     (many, rows_a, splits_a), (one, rows_b, splits_b) = results

@@ -81,3 +81,8 @@ def test_impossible_partitions_are_refused_with_the_key(digits_prepared):
     with pytest.raises(PartitionError, match="federated.alpha"):
         # 600 clients of ~2 rows each: a Dirichlet draw this skewed always leaves some client empty.
         partition_indices(labels, FederatedSpec(clients=600, partition="dirichlet", alpha=0.01))
+
+
+def test_dirichlet_refuses_a_regression_target():
+    with pytest.raises(PartitionError, match="partition: iid"):
+        partition_indices(np.linspace(0, 1, 100, dtype=np.float32), FederatedSpec(clients=4, partition="dirichlet"))

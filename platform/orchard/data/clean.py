@@ -70,7 +70,11 @@ def tally(parsed: DataFrame, source: Source) -> Tally:
         )
     classes, index = _classes(labels)
     if len(classes) < 2:
-        hint = f"; all {quarantined} rows were quarantined, e.g. {bad[0]['reason']}" if bad and not labels else ""
+        hint = (
+            f"; all {quarantined} rows were quarantined, e.g. {bad[0]['reason']}"
+            if bad and not labels
+            else ""
+        )
         raise SpecError(
             f"data.label: column {source.label!r} of {source.describe()} has {len(classes)} distinct "
             f"value(s) among clean rows, at least 2 classes are needed{hint}"
@@ -101,7 +105,10 @@ def _feature_problem(raw: DataFrame, i: int, name: str) -> Column:
     return (
         F.when(empty, F.lit(f"empty value in column '{name}'"))
         .when(parsed.isNull(), F.concat(F.lit(f"non-numeric value in column '{name}': "), shown))
-        .when(F.isnan(parsed) | (F.abs(parsed) == math.inf), F.concat(F.lit(f"non-finite value in column '{name}': "), shown))
+        .when(
+            F.isnan(parsed) | (F.abs(parsed) == math.inf),
+            F.concat(F.lit(f"non-finite value in column '{name}': "), shown),
+        )
     )
 
 

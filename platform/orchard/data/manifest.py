@@ -10,6 +10,16 @@ A prepared dataset is a folder::
 Each split has two columns: ``features`` (fixed_size_list<float32>[feature_dim], already normalized)
 and ``label`` (int64 class index into ``manifest["classes"]``). One tensor column is the layout Ray
 Data feeds fastest (see STACK_NOTES).
+
+Details the writer guarantees:
+- rows in each split are shuffled at prep time (deterministically by ``split.seed``);
+- a split has ``files_per_split`` files, fewer when it has fewer rows, and at least one (an empty
+  split, e.g. ``val: 0``, is one empty file that still carries the schema);
+- ``quarantine/`` has columns ``row`` (1-based data row number, header excluded; for CSV the file's
+  line number minus one), ``reason`` and ``raw`` (the CSV line, or the values as JSON), sorted by row;
+- ``stats`` are fitted on the train split only and stored as computed ({"mean", "std"} with the
+  population std, or {"min", "max"}, or {}); a zero std or range is applied as 1;
+- ``counts``: train + val + test + quarantined + duplicates == input.
 """
 
 from __future__ import annotations

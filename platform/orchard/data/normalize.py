@@ -23,7 +23,9 @@ def fit(train: DataFrame, method: str, n_features: int) -> dict[str, list[float]
     row = train.agg(*[agg_first(c) for c in cols], *[agg_second(c) for c in cols]).first()
     values = list(row)
     if values[0] is None:
-        raise SpecError("data.split: the training split is empty; there are too few clean rows for this split")
+        raise SpecError(
+            "data.split: the training split is empty; there are too few clean rows for this split"
+        )
     return {first: [float(v) for v in values[:n_features]], second: [float(v) for v in values[n_features:]]}
 
 

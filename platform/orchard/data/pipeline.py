@@ -23,14 +23,18 @@ from orchard.data.write import QUARANTINE, SPARK_DIR, finish_quarantine, finish_
 log = logging.getLogger("orchard.data")
 
 
-def run(spark: SparkSession, source: Source, data: DataSpec, tmp: Path, *, shape, digest: str) -> dict[str, Any]:
+def run(
+    spark: SparkSession, source: Source, data: DataSpec, tmp: Path, *, shape, digest: str
+) -> dict[str, Any]:
     """Write the splits (and quarantine) under ``tmp``; return the manifest."""
     d = len(source.features)
     hold: list[DataFrame] = []
     try:
         parsed = clean.parse(readers.read(spark, source, hold), source)
         tally = clean.tally(parsed, source)
-        log.info("%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes))
+        log.info(
+            "%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes)
+        )
         rows = split.assign(clean.indexed(parsed, tally, d), data.split, d).cache()
         hold.append(rows)
         distinct = rows.count()
@@ -56,7 +60,9 @@ def _write_splits(rows: DataFrame, data: DataSpec, stats: dict, tmp: Path, d: in
     features = F.array(*normalize.apply(data.normalize, stats, d)).alias(FEATURES_COL)
     staged = tmp / SPARK_DIR / "splits"
     # One Spark job for all three splits; the pyarrow pass then fixes types, order and file count.
-    rows.select(features, LABEL_COL, "split", "_order", "_rank").write.partitionBy("split").parquet(str(staged))
+    rows.select(features, LABEL_COL, "split", "_order", "_rank").write.partitionBy("split").parquet(
+        str(staged)
+    )
     return {s: finish_split(staged / f"split={s}", tmp / s, d, data.files_per_split) for s in SPLITS}
 
 

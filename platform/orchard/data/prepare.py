@@ -48,5 +48,7 @@ def prepare(spec: JobSpec, log_path: Path | None = None) -> PreparedData:
     counts = manifest["counts"]
     log.info("prepared %s in %.1f s: %s", target, time.perf_counter() - started, counts)
     if counts["quarantined"]:
-        log.warning("%d of %d rows quarantined, see %s", counts["quarantined"], counts["input"], target / "quarantine")
+        log.warning(
+            "%d of %d rows quarantined, see %s", counts["quarantined"], counts["input"], target / "quarantine"
+        )
     return PreparedData(path=target, manifest=manifest, reused=False)

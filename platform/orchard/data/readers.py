@@ -44,12 +44,16 @@ def quoted(name: str) -> Column:
 def _read_sklearn(spark: SparkSession, source: Source) -> DataFrame:
     bunch = load_sklearn(source.location)
     names = list(bunch.feature_names)
-    frame = pd.DataFrame({feature_col(i): bunch.data[:, names.index(f)] for i, f in enumerate(source.features)})
+    frame = pd.DataFrame(
+        {feature_col(i): bunch.data[:, names.index(f)] for i, f in enumerate(source.features)}
+    )
     frame.insert(0, "_row", range(1, len(frame) + 1))
     frame["_y"] = bunch.target.astype("int64")
     none = F.lit(None).cast("string")
     features = [feature_col(i) for i in range(len(source.features))]
-    return spark.createDataFrame(frame).select("_row", none.alias("_raw"), none.alias("_problem"), *features, "_y")
+    return spark.createDataFrame(frame).select(
+        "_row", none.alias("_raw"), none.alias("_problem"), *features, "_y"
+    )
 
 
 def _read_csv(spark: SparkSession, source: Source, hold: list[DataFrame]) -> DataFrame:

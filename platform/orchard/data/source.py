@@ -148,7 +148,9 @@ def _castable_to_number(t) -> bool:
 
 def _pick_features(data: DataSpec, columns: list[str], where: str, not_numeric: dict[str, str]) -> list[str]:
     if data.label not in columns:
-        raise SpecError(f"data.label: column {data.label!r} not found in {where} (columns: {_short(columns)})")
+        raise SpecError(
+            f"data.label: column {data.label!r} not found in {where} (columns: {_short(columns)})"
+        )
     wanted = data.features if data.features is not None else [c for c in columns if c != data.label]
     missing = [c for c in wanted if c not in columns]
     if missing:
@@ -159,7 +161,9 @@ def _pick_features(data: DataSpec, columns: list[str], where: str, not_numeric: 
         raise SpecError(f"data.features: {where} has no feature columns besides the label")
     for name in wanted:
         if name in not_numeric:
-            raise SpecError(f"data.features: column {name!r} in {where} has type {not_numeric[name]}, not a number")
+            raise SpecError(
+                f"data.features: column {name!r} in {where} has type {not_numeric[name]}, not a number"
+            )
     if len(set(wanted)) != len(wanted):
         raise SpecError(f"data.features: a column is listed twice in {wanted}")
     return list(wanted)

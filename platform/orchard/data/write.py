@@ -39,7 +39,9 @@ def finish_split(staged: Path, out: Path, feature_dim: int, files: int) -> int:
         table = ds.dataset(str(staged), format="parquet").to_table()
         # The shuffle key is content-derived, so this order is the same however Spark partitioned.
         table = table.sort_by([("_order", "ascending"), (LABEL_COL, "ascending"), ("_rank", "ascending")])
-        table = pa.table([table[FEATURES_COL].cast(schema.field(FEATURES_COL).type), table[LABEL_COL]], schema=schema)
+        table = pa.table(
+            [table[FEATURES_COL].cast(schema.field(FEATURES_COL).type), table[LABEL_COL]], schema=schema
+        )
     else:  # Spark writes no folder for a split without rows (e.g. val = 0)
         table = schema.empty_table()
     _write_parts(table, out, files)

@@ -6,7 +6,11 @@ importing Flower.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# Flower reads this at import; its usage pings would only time out on closed networks. Users can opt in.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 if TYPE_CHECKING:
     from orchard.federated.simulation import FederatedResult, run_federated

@@ -15,8 +15,8 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from orchard.config import JobSpec
-from orchard.engine import build_optimizer, seed_everything, train_epoch
-from orchard.federated.partitions import client_file, read_xy
+from orchard.engine import LoopOptions, build_optimizer, make_task, seed_everything, train_epoch
+from orchard.federated.partitions import client_file, label_dtype, read_xy
 from orchard.models import model_from_manifest
 
 ARRAYS_KEY = "arrays"
@@ -24,14 +24,15 @@ METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 
 
-def _partition(path: Path, feature_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _cached_partition(str(path), path.stat().st_mtime_ns, feature_dim)
+def _partition(path: Path, manifest: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cached_partition(str(path), path.stat().st_mtime_ns, int(manifest["feature_dim"]), label_dtype(manifest))
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_partition(path: str, mtime_ns: int, feature_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _cached_partition(path: str, mtime_ns: int, feature_dim: int, labels_as: type
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """This client's rows, kept per actor process: Ray reuses actors across rounds and clients."""
-    x, y = read_xy([Path(path)], feature_dim)
+    x, y = read_xy([Path(path)], feature_dim, labels_as)
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -53,12 +54,16 @@ def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, c
     seed_everything(seed)
     torch.set_num_threads(max(1, int(spec.federated.client_cpus)))
 
-    x, y = _partition(client_file(partitions, client), int(manifest["feature_dim"]))
-    model = model_from_manifest(spec.model, manifest)
+    x, y = _partition(client_file(partitions, client), manifest)
+    device = torch.device("cpu")
+    task = make_task(manifest, spec.train, manifest.get("class_counts"))
+    model = model_from_manifest(spec.model, manifest, spec.data.sequence_shape, spec.train.loss)
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
-    optimizer = build_optimizer(model, spec.train.model_copy(update={"lr": float(config["lr"])}))
+    optimizer = build_optimizer(model, spec.train.model_copy(update={"lr": float(config["lr"])}), device)
+    # No optimizer given, so no LR schedule: a schedule over a few local steps would restart every round.
+    opts = LoopOptions.from_spec(spec.train, device)
     loader = _loader(x, y, spec.train.batch_size, seed)
-    losses = [train_epoch(model, loader, optimizer, torch.device("cpu")).loss
+    losses = [train_epoch(model, loader, optimizer, device, task, opts).loss
               for _ in range(int(config["local-epochs"]))]
     metrics = MetricRecord({"train_loss": sum(losses) / len(losses), "num-examples": int(len(y))})
     content = RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})

@@ -56,17 +56,22 @@ def partition_name(fed: FederatedSpec) -> str:
 
 # -- reading -----------------------------------------------------------------------------------------
 
-def read_xy(files: list[Path], feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features [N, D] float32 and labels [N] int64 from Parquet files, in the order given."""
+def label_dtype(manifest: dict) -> type:
+    """Class indices are int64; a regression target is float32 (what the engine's task losses expect)."""
+    return np.float32 if manifest.get("task") == "regression" else np.int64
+
+
+def read_xy(files: list[Path], feature_dim: int, labels_as: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Features [N, D] float32 and labels [N] from Parquet files, in the order given."""
     tables = [pq.read_table(f, columns=[FEATURES_COL, LABEL_COL]) for f in files]
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
-        return np.zeros((0, feature_dim), np.float32), np.zeros(0, np.int64)
+        return np.zeros((0, feature_dim), np.float32), np.zeros(0, labels_as)
     # flatten() honours slice offsets, unlike .values on a sliced list array.
     flat = table.column(FEATURES_COL).combine_chunks().flatten()
     # np.array copies: Arrow's buffers are read-only, and torch.from_numpy wants writable memory.
     x = np.array(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, feature_dim)
-    y = np.array(table.column(LABEL_COL).to_numpy(), dtype=np.int64)
+    y = np.array(table.column(LABEL_COL).to_numpy(), dtype=labels_as)
     return x, y
 
 
@@ -76,7 +81,8 @@ def split_files(prepared: PreparedData, split: str) -> list[Path]:
 
 
 def read_split(prepared: PreparedData, split: str) -> tuple[np.ndarray, np.ndarray]:
-    return read_xy(split_files(prepared, split), int(prepared.manifest["feature_dim"]))
+    m = prepared.manifest
+    return read_xy(split_files(prepared, split), int(m["feature_dim"]), label_dtype(m))
 
 
 # -- dividing ----------------------------------------------------------------------------------------
@@ -118,6 +124,9 @@ def partition_indices(labels: np.ndarray, fed: FederatedSpec) -> list[np.ndarray
         raise PartitionError(f"federated.clients={fed.clients} exceeds the {len(labels)} training rows")
     if fed.partition == "iid":
         return iid_indices(len(labels), fed.clients, fed.seed)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise PartitionError("federated.partition=dirichlet skews class labels; a regression target has none "
+                             "(use partition: iid)")
     return dirichlet_indices(labels, fed.clients, fed.alpha, fed.seed)
 
 
@@ -143,6 +152,12 @@ def _existing(folder: Path, fed: FederatedSpec) -> PartitionSet | None:
     if not all(client_file(folder, i).is_file() for i in range(fed.clients)):
         return None
     return PartitionSet(folder, [int(c) for c in meta["counts"]], meta["label_counts"])
+
+
+def _label_counts(y: np.ndarray, parts: list[np.ndarray], num_classes: int) -> list[list[int]]:
+    if not np.issubdtype(y.dtype, np.integer):
+        return []  # regression: no classes to count
+    return [np.bincount(y[rows], minlength=num_classes).tolist() for rows in parts]
 
 
 def _publish(tmp: Path, folder: Path, fed: FederatedSpec) -> None:
@@ -171,7 +186,7 @@ def write_partitions(prepared: PreparedData, fed: FederatedSpec) -> PartitionSet
         for i, rows in enumerate(parts):
             pq.write_table(_table(x[rows], y[rows]), client_file(tmp, i))
         counts = [int(len(rows)) for rows in parts]
-        labels = [np.bincount(y[rows], minlength=int(prepared.manifest["num_classes"])).tolist() for rows in parts]
+        labels = _label_counts(y, parts, int(prepared.manifest.get("num_classes") or 0))
         (tmp / META_FILE).write_text(json.dumps({**_params(fed), "counts": counts, "label_counts": labels}))
         _publish(tmp, folder, fed)
     finally:

@@ -21,7 +21,7 @@ from flwr.supercore import log
 from torch.utils.data import DataLoader, TensorDataset
 
 from orchard.config import JobSpec
-from orchard.engine import EpochResult, evaluate, seed_everything
+from orchard.engine import EpochResult, evaluate, make_task, seed_everything
 from orchard.models import model_from_manifest
 
 
@@ -72,15 +72,20 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+def global_model(spec: JobSpec, manifest: dict) -> torch.nn.Module:
+    return model_from_manifest(spec.model, manifest, spec.data.sequence_shape, spec.train.loss)
+
+
 def central_evaluator(spec: JobSpec, manifest: dict, test_xy: tuple[torch.Tensor, torch.Tensor]
                       ) -> Callable[[ArrayRecord], EpochResult]:
     """Evaluate a set of global arrays on the test split with the shared loop."""
-    model = model_from_manifest(spec.model, manifest)
+    model = global_model(spec, manifest)
+    task = make_task(manifest, spec.train, manifest.get("class_counts"))
     loader = DataLoader(TensorDataset(*test_xy), batch_size=spec.train.batch_size * 4)
 
     def run(arrays: ArrayRecord) -> EpochResult:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model, loader, torch.device("cpu"), int(manifest["num_classes"]))
+        return evaluate(model, loader, torch.device("cpu"), task)
 
     return run
 
@@ -97,7 +102,7 @@ def _evaluate_fn(spec: JobSpec, manifest: dict, test_xy: tuple[torch.Tensor, tor
         federation.history.append(row)
         if on_round is not None:
             on_round(row)
-        return MetricRecord({"accuracy": res.accuracy, "loss": res.loss})
+        return MetricRecord({k.removeprefix("fed/"): float(v) for k, v in res.as_metrics("fed").items()})
 
     return evaluate_fn
 
@@ -109,7 +114,7 @@ def run_server(grid: Grid, spec: JobSpec, manifest: dict, test_xy: tuple[torch.T
     fed = spec.federated
     # Client sampling uses the global `random`; seeding it makes fraction_train < 1 reproducible.
     seed_everything(spec.train.seed)
-    model = model_from_manifest(spec.model, manifest)
+    model = global_model(spec, manifest)
     strategy = OrchardFedAvg(federation, fraction_train=fed.fraction_train, fraction_evaluate=0.0,
                              min_train_nodes=1, min_available_nodes=fed.clients)
     _wait_for_nodes(grid, fed.clients, connect_timeout_s)

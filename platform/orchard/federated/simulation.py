@@ -26,9 +26,7 @@ from torch import nn
 from orchard.config import JobSpec
 from orchard.data.manifest import PreparedData
 from orchard.engine import EpochResult
-from orchard.engine.metrics import classification_metrics
 from orchard.federated.partitions import PartitionSet, read_split, write_partitions
-from orchard.models import model_from_manifest
 
 ROUND_TIMEOUT_S = 600.0
 CONNECT_TIMEOUT_S = 120.0
@@ -135,8 +133,8 @@ def _simulate(spec: JobSpec, server_app, client_app, log_path: Path | None) -> N
 
 
 def _log_test(job, test: EpochResult, partitions: PartitionSet) -> None:
-    scores = classification_metrics(test.confusion)
-    job.log_metrics({"test/loss": test.loss, **{f"test/{k}": v for k, v in scores.items()}}, step=0)
+    # The engine's metrics for the task: accuracy/f1/precision/recall, or mae/rmse/r2 for regression.
+    job.log_metrics(test.as_metrics("test"), step=0)
     job.log_text(json.dumps({"folder": partitions.folder.name, "counts": partitions.counts,
                              "label_counts": partitions.label_counts}, indent=1), "federated/partitions.json")
 
@@ -146,7 +144,13 @@ def run_federated(spec: JobSpec, prepared: PreparedData, job=None, log_path: Pat
                   ) -> FederatedResult:
     """Federate ``spec`` over ``prepared``; log per-round and test metrics to ``job`` (a JobRun) if given."""
     from orchard.federated.client import make_client_app
-    from orchard.federated.server import Federation, FederationError, central_evaluator, make_server_app
+    from orchard.federated.server import (
+        Federation,
+        FederationError,
+        central_evaluator,
+        global_model,
+        make_server_app,
+    )
 
     manifest = prepared.manifest
     partitions = write_partitions(prepared, spec.federated)
@@ -162,7 +166,7 @@ def run_federated(spec: JobSpec, prepared: PreparedData, job=None, log_path: Pat
         raise FederationError("the federation ended without a global model (see the engine log)")
 
     test = central_evaluator(spec, manifest, test_xy)(federation.arrays)
-    model = model_from_manifest(spec.model, manifest)
+    model = global_model(spec, manifest)
     model.load_state_dict(federation.arrays.to_torch_state_dict())
     if job is not None:
         _log_test(job, test, partitions)

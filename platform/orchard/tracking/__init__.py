@@ -64,16 +64,25 @@ class RunLogger:
 class JobRun:
     """An MLflow run for one job: created on the driver, finished exactly once."""
 
-    def __init__(self, spec: JobSpec, run_name: str | None = None) -> None:
+    def __init__(self, spec: JobSpec, run_name: str | None = None, resume_run_id: str | None = None) -> None:
         import mlflow
 
         self.spec = spec
         self.uri = resolve_uri(spec)
         mlflow.set_tracking_uri(self.uri)
+        client = mlflow.tracking.MlflowClient(self.uri)
+        self._client = client
+        self._finished = False
+        self.resumed = resume_run_id is not None
+        if resume_run_id:
+            run = client.get_run(resume_run_id)
+            client.update_run(resume_run_id, status="RUNNING")
+            self.run_id, self.experiment_id = resume_run_id, run.info.experiment_id
+            self.logger = RunLogger(self.uri, self.run_id)
+            return
         experiment = spec.tracking.experiment or spec.name
         exp = mlflow.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
-        client = mlflow.tracking.MlflowClient(self.uri)
         run = client.create_run(
             exp_id,
             run_name=run_name,
@@ -83,9 +92,22 @@ class JobRun:
         self.run_id = run.info.run_id
         self.experiment_id = exp_id
         self.logger = RunLogger(self.uri, self.run_id)
-        self._client = client
-        self._finished = False
         self._log_spec()
+
+    @staticmethod
+    def interrupted_run(spec: JobSpec) -> str | None:
+        """The newest unfinished run of this exact spec (same spec hash), for ``orchard run --resume``."""
+        import mlflow
+
+        client = mlflow.tracking.MlflowClient(resolve_uri(spec))
+        exp = client.get_experiment_by_name(spec.tracking.experiment or spec.name)
+        if exp is None:
+            return None
+        runs = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`orchard.spec_hash` = '{spec.digest()}' and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def finish(self, status: str = "FINISHED") -> None:

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ray.train
+import ray.train.torch
 import torch
 from torch import nn
 
-import ray.train
-import ray.train.torch
 from orchard.config import JobSpec
 from orchard.engine import LoopOptions, build_optimizer, evaluate, make_task, seed_everything, train_epoch
 from orchard.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
@@ -69,6 +69,8 @@ def train_loop(config: dict[str, Any]) -> None:
         va = evaluate(model, _batches(val_ds, spec.train.batch_size * 4, label_dtype, (rank, world), pin), device, task, opts)
         metrics = {"epoch": epoch, **tr.as_metrics("train"), **va.as_metrics("val"),
                    "train/samples": tr.samples, "train/lr": optimizer.param_groups[0]["lr"]}
+        if epoch == start and start > 1:
+            metrics["train/resumed_from"] = start - 1  # visible in MLflow: where a restart picked up
         if stopper.update(metrics, epoch):
             best = _cpu_state(model)  # without early stopping best stays None: the last epoch is used
         history.append(metrics)
