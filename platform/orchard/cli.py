@@ -138,7 +138,8 @@ def _print_summary(summaries, console: Console) -> None:
             console.print(f"{s.name}: {s.quarantined} row(s) quarantined (see the manifest's quarantine folder)")
     if summaries:
         console.print(f"tracking store: {summaries[0].tracking_uri}")
-        console.print(f"engine logs: {summaries[0].log_path}")
+        for s in summaries:
+            console.print(f"engine log of {s.name}: {s.log_path}")
         console.print("open the dashboard: [bold]orchard ui[/]  (or make ui) → http://127.0.0.1:5000")
 
 
