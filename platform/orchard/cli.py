@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the shipped digits jobs (central and federated) and summarise")
     demo.add_argument("specs", nargs="*", default=list(DEMO_JOBS))
 
+    bench = sub.add_parser("bench", help="measure throughput against a baseline in the same run")
+    bench.add_argument("name", choices=["train"])
+    bench.add_argument("--json", dest="json_path", default=None, help="write the report as JSON here")
+
     ui = sub.add_parser("ui", help="open MLflow's dashboard on the store the jobs wrote to")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80-column default.
     console = Console() if sys.stdout.isatty() else Console(width=140)
     try:
-        return {"run": _run, "prep": _prep, "check": _check, "demo": _demo, "ui": _ui}[args.verb](args, console)
+        return {"run": _run, "prep": _prep, "check": _check, "demo": _demo, "ui": _ui, "bench": _bench}[args.verb](args, console)
     except SpecError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return EXIT_BAD_INPUT
@@ -141,6 +145,32 @@ def _print_summary(summaries, console: Console) -> None:
         for s in summaries:
             console.print(f"engine log of {s.name}: {s.log_path}")
         console.print("open the dashboard: [bold]orchard ui[/]  (or make ui) → http://127.0.0.1:5000")
+
+
+def _bench(args, console: Console) -> int:
+    import importlib
+    from pathlib import Path as _Path
+
+    from orchard.bench import BENCHES, write_report
+    from orchard.console import engine_output_to
+
+    module, fn = BENCHES[args.name].split(":")
+    log = _Path(".orchard/bench") / f"{args.name}.log"
+    with engine_output_to(log, console) as term:
+        results = getattr(importlib.import_module(module), fn)(progress=lambda msg: term.print(msg, highlight=False))
+    report = write_report(args.name, results, args.json_path)
+    table = Table(title=f"orchard bench {args.name}")
+    for col in ("case", "metric", "value", "baseline", "ratio"):
+        table.add_column(col)
+    for r in report["results"]:
+        base = "" if r["baseline"] is None else f"{r['baseline']:,.0f}"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+        table.add_row(r["case"], r["metric"], f"{r['value']:,.1f} {r['unit']}", base, ratio)
+    console.print(table)
+    console.print(f"machine: {report['machine']}")
+    if args.json_path:
+        console.print(f"report: {args.json_path}")
+    return EXIT_OK
 
 
 def _ui(args, console: Console) -> int:

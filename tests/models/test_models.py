@@ -34,3 +34,35 @@ def test_dropout_is_active_only_in_training():
     assert torch.equal(model(x), model(x))
     model.train()
     assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("cfg", [
+    {"family": "rnn", "cell": "lstm", "bidirectional": True, "rnn_layers": 2},
+    {"family": "rnn", "cell": "gru", "pooling": "last"},
+    {"family": "transformer", "d_model": 32, "heads": 4, "layers": 2, "pooling": "cls"},
+    {"family": "transformer", "d_model": 32, "heads": 2, "layers": 1, "pooling": "mean", "activation": "gelu"},
+])
+def test_sequence_models_read_a_row_as_steps(cfg):
+    from orchard.models import sequence_shape
+
+    spec = ModelSpec(hidden=[16], **cfg)
+    assert sequence_shape(64, [1, 8, 8]) == (8, 8)
+    model = build_model(spec, 64, 10, [1, 8, 8])
+    out = model(torch.randn(3, 64))
+    assert out.shape == (3, 10)
+    out.sum().backward()
+
+
+def test_transformer_heads_must_divide_width():
+    with pytest.raises(ValueError, match="must divide"):
+        ModelSpec(family="transformer", d_model=30, heads=4)
+
+
+def test_regression_model_predicts_in_target_units():
+    from orchard.models import model_from_manifest
+
+    manifest = {"feature_dim": 4, "num_classes": 0, "task": "regression", "target_stats": {"mean": 150.0, "std": 50.0}}
+    model = model_from_manifest(ModelSpec(hidden=[8]), manifest)
+    torch.nn.init.zeros_(model.body.head.weight)
+    torch.nn.init.zeros_(model.body.head.bias)
+    assert torch.allclose(model(torch.randn(2, 4)), torch.full((2, 1), 150.0))

@@ -35,15 +35,22 @@ class Tally:
     index: dict[str, int]  # label as read (trimmed) -> class index
 
 
-def parse(raw: DataFrame, source: Source) -> DataFrame:
+def parse(raw: DataFrame, source: Source, regression: bool = False) -> DataFrame:
     """Add parsed features ``_x*``, the trimmed label ``_lab`` and ``_reason`` (null = clean)."""
     n = len(source.features)
     values = [_as_double(F.col(feature_col(i))).alias(value_col(i)) for i in range(n)]
     label = F.trim(F.col("_y").cast("string"))
     checks = [_feature_problem(raw, i, name) for i, name in enumerate(source.features)]
+    target = label.try_cast("double")
+    numeric = (
+        F.when(target.isNull() | F.isnan(target) | (F.abs(target) == math.inf),
+               F.concat(F.lit(f"non-numeric target in column '{source.label}': "), label))
+        if regression else F.lit(None).cast("string")
+    )
     reason = F.coalesce(
         F.col("_problem"),
         F.when(label.isNull() | (label == ""), F.lit(f"empty label in column '{source.label}'")),
+        numeric,
         *checks,
     )
     return raw.select("_row", "_raw", *values, label.alias("_lab"), reason.alias("_reason"))
@@ -82,8 +89,18 @@ def tally(parsed: DataFrame, source: Source) -> Tally:
     return Tally(total, quarantined, classes, index)
 
 
-def indexed(parsed: DataFrame, tally: Tally, n_features: int) -> DataFrame:
-    """The clean rows with ``label`` as an int64 class index."""
+def tally_regression(parsed: DataFrame) -> Tally:
+    """Input and quarantine counts for a regression target (no classes)."""
+    row = parsed.agg(F.count(F.lit(1)).alias("n"), F.count("_reason").alias("bad")).first()
+    return Tally(int(row["n"]), int(row["bad"]), [], {})
+
+
+def indexed(parsed: DataFrame, tally: Tally, n_features: int, regression: bool = False) -> DataFrame:
+    """The clean rows with ``label`` as an int64 class index (or the double target for regression)."""
+    if regression:
+        values = [value_col(i) for i in range(n_features)]
+        target = _as_double(F.col("_lab"))
+        return parsed.filter(F.col("_reason").isNull()).select(*values, target.alias("label"))
     pairs = [F.lit(x) for key, i in sorted(tally.index.items()) for x in (key, i)]
     label = F.create_map(*pairs)[F.col("_lab")].cast("long")
     values = [value_col(i) for i in range(n_features)]

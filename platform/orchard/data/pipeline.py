@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 from orchard.config import DataSpec
 from orchard.data import clean, normalize, readers, split
 from orchard.data.manifest import FEATURES_COL, LABEL_COL, SPLITS
-from orchard.data.source import Source
+from orchard.data.source import Source, task_of
 from orchard.data.write import QUARANTINE, SPARK_DIR, finish_quarantine, finish_split, split_schema
 
 log = logging.getLogger("orchard.data")
@@ -28,18 +28,21 @@ def run(
 ) -> dict[str, Any]:
     """Write the splits (and quarantine) under ``tmp``; return the manifest."""
     d = len(source.features)
+    regression = task_of(source, data) == "regression"
     hold: list[DataFrame] = []
     try:
-        parsed = clean.parse(readers.read(spark, source, hold), source)
-        tally = clean.tally(parsed, source)
+        parsed = clean.parse(readers.read(spark, source, hold), source, regression)
+        tally = clean.tally_regression(parsed) if regression else clean.tally(parsed, source)
         log.info(
             "%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes)
         )
-        rows = split.assign(clean.indexed(parsed, tally, d), data.split, d).cache()
+        rows = split.assign(clean.indexed(parsed, tally, d, regression), data.split, d, not regression).cache()
         hold.append(rows)
         distinct = rows.count()
-        stats = normalize.fit(rows.filter(F.col("split") == "train"), data.normalize, d)
-        sizes = _write_splits(rows, data, stats, tmp, d)
+        train = rows.filter(F.col("split") == "train")
+        stats = normalize.fit(train, data.normalize, d)
+        target = _target_stats(train) if regression else None
+        sizes = _write_splits(rows, data, stats, tmp, d, regression)
         if tally.quarantined:
             _write_quarantine(parsed, tmp, tally.quarantined)
     finally:
@@ -53,17 +56,27 @@ def run(
     }
     if sum(sizes.values()) != distinct:  # a lost row is a bug here, never something to ship
         raise RuntimeError(f"prep lost rows: {distinct} distinct rows but splits hold {sizes}")
-    return _manifest(spark, source, data, tally, stats, counts, shape, digest)
+    manifest = _manifest(spark, source, data, tally, stats, counts, shape, digest)
+    if target is not None:
+        manifest["target_stats"] = target
+    return manifest
 
 
-def _write_splits(rows: DataFrame, data: DataSpec, stats: dict, tmp: Path, d: int) -> dict[str, int]:
+def _target_stats(train: DataFrame) -> dict[str, float]:
+    """Mean and std of a regression target on the training split: models predict in these units."""
+    row = train.agg(F.avg("label").alias("mean"), F.stddev_pop("label").alias("std")).first()
+    return {"mean": float(row["mean"]), "std": float(row["std"]) or 1.0}
+
+
+def _write_splits(rows: DataFrame, data: DataSpec, stats: dict, tmp: Path, d: int, regression: bool
+                  ) -> dict[str, int]:
     features = F.array(*normalize.apply(data.normalize, stats, d)).alias(FEATURES_COL)
     staged = tmp / SPARK_DIR / "splits"
     # One Spark job for all three splits; the pyarrow pass then fixes types, order and file count.
     rows.select(features, LABEL_COL, "split", "_order", "_rank").write.partitionBy("split").parquet(
         str(staged)
     )
-    return {s: finish_split(staged / f"split={s}", tmp / s, d, data.files_per_split) for s in SPLITS}
+    return {s: finish_split(staged / f"split={s}", tmp / s, d, data.files_per_split, regression) for s in SPLITS}
 
 
 def _write_quarantine(parsed: DataFrame, tmp: Path, expected: int) -> None:
@@ -78,7 +91,8 @@ def _write_quarantine(parsed: DataFrame, tmp: Path, expected: int) -> None:
 
 
 def _manifest(spark, source: Source, data: DataSpec, tally, stats, counts, shape, digest) -> dict[str, Any]:
-    schema = split_schema(len(source.features))
+    task = task_of(source, data)
+    schema = split_schema(len(source.features), task == "regression")
     return {
         "version": 1,
         "source": source.describe(),
@@ -90,7 +104,7 @@ def _manifest(spark, source: Source, data: DataSpec, tally, stats, counts, shape
         "image_shape": shape,
         "classes": tally.classes,
         "num_classes": len(tally.classes),
-        "task": "classification",
+        "task": task,
         "normalize": data.normalize,
         "stats": stats,
         "counts": counts,

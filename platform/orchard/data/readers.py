@@ -48,7 +48,8 @@ def _read_sklearn(spark: SparkSession, source: Source) -> DataFrame:
         {feature_col(i): bunch.data[:, names.index(f)] for i, f in enumerate(source.features)}
     )
     frame.insert(0, "_row", range(1, len(frame) + 1))
-    frame["_y"] = bunch.target.astype("int64")
+    # Class ids stay integers; a regression target (diabetes) keeps its real values.
+    frame["_y"] = bunch.target if bunch.target.dtype.kind == "f" else bunch.target.astype("int64")
     none = F.lit(None).cast("string")
     features = [feature_col(i) for i in range(len(source.features))]
     return spark.createDataFrame(frame).select(

@@ -18,7 +18,8 @@ from orchard.config import DataSpec, SpecError
 
 # Bump when the prep's output for the same input changes, so old folders are not reused.
 PREP_VERSION = "orchard-data/1"
-SKLEARN_DATASETS = ("digits", "breast_cancer")
+SKLEARN_DATASETS = ("digits", "breast_cancer", "diabetes")
+SKLEARN_TASKS = {"diabetes": "regression"}
 DEFAULT_IMAGE_SHAPES = {"digits": [1, 8, 8]}
 
 
@@ -89,6 +90,13 @@ def image_shape(source: Source, data: DataSpec) -> list[int] | None:
             f"{len(source.features)} feature columns"
         )
     return list(shape)
+
+
+def task_of(source: Source, data: DataSpec) -> str:
+    """classification | regression: the spec's choice, else what the bundled dataset is for."""
+    if data.task != "auto":
+        return data.task
+    return SKLEARN_TASKS.get(source.location, "classification") if source.kind == "sklearn" else "classification"
 
 
 def _sklearn_columns(name: str, label: str) -> tuple[str, list[str]]:

@@ -15,7 +15,7 @@ from orchard.config import SplitSpec
 from orchard.data.clean import value_col
 
 
-def assign(clean: DataFrame, split: SplitSpec, n_features: int) -> DataFrame:
+def assign(clean: DataFrame, split: SplitSpec, n_features: int, by_class: bool = True) -> DataFrame:
     """Distinct rows with ``split`` (train/val/test) and a seeded shuffle key ``_order``.
 
     ``_rank`` (the row's rank within its group) breaks ``_order`` ties, so (``_order``, ``label``,
@@ -23,7 +23,8 @@ def assign(clean: DataFrame, split: SplitSpec, n_features: int) -> DataFrame:
     """
     content = [*(F.col(value_col(i)) for i in range(n_features)), F.col("label")]
     distinct = clean.dropDuplicates([value_col(i) for i in range(n_features)] + ["label"])
-    group = F.col("label") if split.stratify else F.lit(0)
+    # A regression target has no classes to stratify by: its rows are one group.
+    group = F.col("label") if split.stratify and by_class else F.lit(0)
     # The content after the hash breaks hash ties, so the order is total and never arrival order.
     ranked = Window.partitionBy(group).orderBy(_hash(split.seed, content), *content)
     rank = F.row_number().over(ranked) - 1

@@ -28,19 +28,21 @@ QUARANTINE = "quarantine"
 QUARANTINE_SCHEMA = pa.schema([("row", pa.int64()), ("reason", pa.string()), ("raw", pa.string())])
 
 
-def split_schema(feature_dim: int) -> pa.Schema:
-    return pa.schema([(FEATURES_COL, pa.list_(pa.float32(), feature_dim)), (LABEL_COL, pa.int64())])
+def split_schema(feature_dim: int, regression: bool = False) -> pa.Schema:
+    label = pa.float32() if regression else pa.int64()
+    return pa.schema([(FEATURES_COL, pa.list_(pa.float32(), feature_dim)), (LABEL_COL, label)])
 
 
-def finish_split(staged: Path, out: Path, feature_dim: int, files: int) -> int:
+def finish_split(staged: Path, out: Path, feature_dim: int, files: int, regression: bool = False) -> int:
     """Rewrite Spark's output for one split into ``files`` shuffled, fixed-width Parquet files."""
-    schema = split_schema(feature_dim)
+    schema = split_schema(feature_dim, regression)
     if staged.is_dir():
         table = ds.dataset(str(staged), format="parquet").to_table()
         # The shuffle key is content-derived, so this order is the same however Spark partitioned.
         table = table.sort_by([("_order", "ascending"), (LABEL_COL, "ascending"), ("_rank", "ascending")])
         table = pa.table(
-            [table[FEATURES_COL].cast(schema.field(FEATURES_COL).type), table[LABEL_COL]], schema=schema
+            [table[FEATURES_COL].cast(schema.field(FEATURES_COL).type),
+             table[LABEL_COL].cast(schema.field(LABEL_COL).type)], schema=schema
         )
     else:  # Spark writes no folder for a split without rows (e.g. val = 0)
         table = schema.empty_table()

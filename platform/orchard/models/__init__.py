@@ -211,7 +211,24 @@ def num_outputs(manifest: dict, loss: str = "auto") -> int:
     return manifest["num_classes"]
 
 
+class TargetScale(nn.Module):
+    """Regression output in the target's units: mean + std * body(x), so the body learns unit-scale values."""
+
+    def __init__(self, body: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.body = body
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * self.std + self.mean
+
+
 def model_from_manifest(spec: ModelSpec, manifest: dict, seq_shape: Sequence[int] | None = None,
                         loss: str = "auto") -> nn.Module:
-    return build_model(spec, manifest["feature_dim"], num_outputs(manifest, loss), manifest.get("image_shape"),
-                       seq_shape)
+    model = build_model(spec, manifest["feature_dim"], num_outputs(manifest, loss), manifest.get("image_shape"),
+                        seq_shape)
+    stats = manifest.get("target_stats")
+    if manifest.get("task") == "regression" and stats:
+        model = TargetScale(model, stats["mean"], stats["std"])
+    return model

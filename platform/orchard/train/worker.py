@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,10 +66,14 @@ def train_loop(config: dict[str, Any]) -> None:
     pin = device.type == "cuda"
     train_shard, val_ds = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(start, spec.train.epochs + 1):
-        tr = train_epoch(model, _batches(train_shard, spec.train.batch_size, label_dtype, pin=pin), optimizer, device, task, opts)
+        t0 = time.perf_counter()
+        tr = train_epoch(model, _batches(train_shard, spec.train.batch_size, label_dtype, pin=pin), optimizer,
+                         device, task, opts)
+        train_s = time.perf_counter() - t0  # train_epoch ends in an all-reduce, so every rank has finished
         va = evaluate(model, _batches(val_ds, spec.train.batch_size * 4, label_dtype, (rank, world), pin), device, task, opts)
         metrics = {"epoch": epoch, **tr.as_metrics("train"), **va.as_metrics("val"),
-                   "train/samples": tr.samples, "train/lr": optimizer.param_groups[0]["lr"]}
+                   "train/samples": tr.samples, "train/lr": optimizer.param_groups[0]["lr"],
+                   "train/epoch_seconds": train_s, "train/samples_per_s": tr.samples / max(train_s, 1e-9)}
         if epoch == start and start > 1:
             metrics["train/resumed_from"] = start - 1  # visible in MLflow: where a restart picked up
         if stopper.update(metrics, epoch):

@@ -1,0 +1,42 @@
+"""``orchard bench NAME``: throughput measured against a baseline in the same run (ratios)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Result:
+    case: str
+    metric: str
+    unit: str
+    value: float
+    baseline: float | None = None
+    ratio: float | None = None
+    note: str = ""
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                            "python": platform.python_version(), "torch": torch.__version__,
+                            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_report(name: str, results: list[Result], path: str | Path | None) -> dict[str, Any]:
+    report = {"bench": name, "machine": machine(), "results": [asdict(r) for r in results]}
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2))
+    return report
+
+
+BENCHES = {"train": "orchard.bench.train:run"}

@@ -1,0 +1,130 @@
+"""``orchard bench train``: the platform's training throughput against a plain PyTorch loop.
+
+Every ratio compares two measurements taken in this run on this machine, with the same model, batch,
+optimizer and thread count:
+  platform/plain      Ray Train (1 worker, Ray Data shard) ÷ a hand-written loop over in-memory tensors
+  raydata/memory      the same hand-written loop fed by Ray Data from the Parquet ÷ fed from memory
+  2 workers/1 worker  Ray Train throughput with 2 workers ÷ with 1
+Throughput is steady state (the first epoch warms up and is not counted). The fixed cost of a run is
+its wall time minus epochs × the steady epoch time: Ray start, worker group, data planning, eval, checkpoints.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from orchard.bench import Result
+from orchard.bench.synthetic import load_split, write_prepared
+from orchard.config import JobSpec
+from orchard.models import model_from_manifest
+
+BATCH, EPOCHS, THREADS = 256, 3, 1
+CASES = {
+    "mlp": ({"family": "mlp", "hidden": [256, 256], "dropout": 0.0}, 120_000, None),
+    "cnn": ({"family": "cnn", "channels": [16, 32], "hidden": [64], "dropout": 0.0}, 24_000, [1, 8, 8]),
+    "transformer": ({"family": "transformer", "d_model": 64, "heads": 4, "layers": 2, "hidden": [],
+                     "dropout": 0.0}, 12_000, [1, 8, 8]),
+}
+
+
+def _spec(model: dict, workers: int, storage: Path) -> JobSpec:
+    return JobSpec.model_validate({
+        "name": "bench-train", "kind": "train", "model": model,
+        "train": {"epochs": EPOCHS, "batch_size": BATCH, "optimizer": "adam", "lr": 1e-3, "precision": "fp32"},
+        "scaling": {"num_workers": workers, "cpus_per_worker": THREADS, "use_gpu": False,
+                    "storage_path": str(storage), "keep_checkpoints": 1},
+    })
+
+
+def _plain_epochs(model: nn.Module, batches_fn, epochs: int) -> list[tuple[int, float]]:
+    """The baseline: the loop anyone writes first. Returns (samples, seconds) per epoch."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    out = []
+    for _ in range(epochs):
+        n, t0 = 0, time.perf_counter()
+        for x, y in batches_fn():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+            n += len(y)
+        out.append((n, time.perf_counter() - t0))
+    return out
+
+
+def _steady(epochs: list[tuple[int, float]]) -> float:
+    rest = epochs[1:] or epochs
+    return sum(n for n, _ in rest) / sum(s for _, s in rest)
+
+
+def _memory_batches(x: torch.Tensor, y: torch.Tensor):
+    def gen():
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), BATCH):
+            idx = perm[i : i + BATCH]
+            yield x[idx], y[idx]
+    return gen
+
+
+def _raydata_batches(prepared):
+    import ray.data
+
+    ds = ray.data.read_parquet(str(prepared.split_path("train").resolve())).randomize_block_order()
+
+    def gen():
+        for b in ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=2,
+                                       dtypes={"features": torch.float32, "label": torch.int64}):
+            yield b["features"], b["label"]
+    return gen
+
+
+def _platform(spec: JobSpec, prepared) -> tuple[float, float]:
+    """Steady samples/s inside the Ray Train worker, and the run's fixed cost in seconds."""
+    from orchard.train import run_training
+
+    t0 = time.perf_counter()
+    res = run_training(spec, prepared)
+    wall = time.perf_counter() - t0
+    epochs = [(h["train/samples"], h["train/epoch_seconds"]) for h in res.history]
+    rate = _steady(epochs)
+    steady_epoch = epochs[-1][1] if len(epochs) == 1 else float(np.mean([s for _, s in epochs[1:]]))
+    return rate, wall - len(epochs) * steady_epoch
+
+
+def run(progress=print) -> list[Result]:
+    from orchard.train.launcher import init_ray
+
+    torch.set_num_threads(THREADS)
+    init_ray(2 * THREADS + 1)
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="orchard-bench-") as tmp:
+        for name, (model_cfg, rows, shape) in CASES.items():
+            prepared = write_prepared(Path(tmp, name), rows, 64, 10, shape)
+            spec = _spec(model_cfg, 1, Path(tmp, "ray"))
+            x, y = (torch.from_numpy(a) for a in load_split(prepared, "train"))
+            torch.manual_seed(0)
+            plain = _steady(_plain_epochs(model_from_manifest(spec.model, prepared.manifest),
+                                          _memory_batches(x, y), EPOCHS))
+            progress(f"{name}: plain loop {plain:,.0f} samples/s")
+            fed = _steady(_plain_epochs(model_from_manifest(spec.model, prepared.manifest),
+                                        _raydata_batches(prepared), EPOCHS))
+            progress(f"{name}: Ray Data fed loop {fed:,.0f} samples/s")
+            ours, fixed = _platform(spec, prepared)
+            progress(f"{name}: platform (Ray Train, 1 worker) {ours:,.0f} samples/s, fixed cost {fixed:.1f} s")
+            results += [
+                Result(name, "platform / plain loop", "samples/s", ours, plain, ours / plain),
+                Result(name, "Ray Data fed / in-memory fed", "samples/s", fed, plain, fed / plain),
+                Result(name, "fixed cost of a run", "s", fixed, note="wall − epochs × steady epoch"),
+            ]
+            if name == "mlp":
+                two, _ = _platform(_spec(model_cfg, 2, Path(tmp, "ray")), prepared)
+                progress(f"{name}: platform, 2 workers {two:,.0f} samples/s")
+                results.append(Result(name, "2 workers / 1 worker", "samples/s", two, ours, two / ours))
+    return results
