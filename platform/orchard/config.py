@@ -152,6 +152,8 @@ class TrainSpec(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on GPUs that support it, else fp32; fp16 uses GradScaler.")
     compile: bool = Field(False, description="torch.compile the model.")
+    cache: Literal["auto", "none"] = Field(
+        "auto", description="auto = after epoch 1, replay a worker's rows from device memory when they fit.")
 
 
 class ScalingSpec(_Section):

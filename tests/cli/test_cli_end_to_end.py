@@ -44,11 +44,16 @@ def test_digits_cnn_job_leaves_one_complete_mlflow_run(tmp_path):
         assert Path(client.download_artifacts(run.info.run_id, png, str(tmp_path))).read_bytes()[:4] == b"\x89PNG"
     assert run.inputs.dataset_inputs, "training data logged with mlflow.log_input"
 
-    import mlflow.pyfunc
+    import mlflow
 
     models = client.search_logged_models([run.info.experiment_id])
     assert len(models) == 1
-    model = mlflow.pyfunc.load_model(models[0].model_uri)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the current tracking store
+    try:
+        model = mlflow.pyfunc.load_model(models[0].model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
     preds = np.asarray(model.predict(np.zeros((3, 64), dtype=np.float32)))
     assert preds.shape == (3, 10)
 

@@ -27,7 +27,12 @@ class CheckpointError(RuntimeError):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
+    """The plain module inside DDP/FSDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def save_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -23,6 +23,7 @@ from torch import nn
 
 from orchard.config import JobSpec
 from orchard.engine import LoopOptions, build_optimizer, evaluate, make_task, seed_everything, train_epoch
+from orchard.engine.cache import EpochCache, cache_budget
 from orchard.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from orchard.engine.early_stopping import EarlyStopper
 from orchard.models import model_from_manifest
@@ -65,12 +66,18 @@ def train_loop(config: dict[str, Any]) -> None:
     start, history, best = _resume(model, optimizer, opts, stopper)
     pin = device.type == "cuda"
     train_shard, val_ds = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    budget = cache_budget(device) if spec.train.cache == "auto" else 0
+    bs = spec.train.batch_size
+    # Every rank caches the same way: equal shards (streaming_split equal=True) keep DDP step counts equal.
+    train_data = EpochCache(lambda: _batches(train_shard, bs, label_dtype, pin=pin), device, bs, True, budget,
+                            seed=spec.train.seed + rank)
+    val_data = EpochCache(lambda: _batches(val_ds, bs * 4, label_dtype, (rank, world), pin), device, bs * 4,
+                          False, budget // 4)
     for epoch in range(start, spec.train.epochs + 1):
         t0 = time.perf_counter()
-        tr = train_epoch(model, _batches(train_shard, spec.train.batch_size, label_dtype, pin=pin), optimizer,
-                         device, task, opts)
+        tr = train_epoch(model, train_data, optimizer, device, task, opts)
         train_s = time.perf_counter() - t0  # train_epoch ends in an all-reduce, so every rank has finished
-        va = evaluate(model, _batches(val_ds, spec.train.batch_size * 4, label_dtype, (rank, world), pin), device, task, opts)
+        va = evaluate(model, val_data, device, task, opts)
         metrics = {"epoch": epoch, **tr.as_metrics("train"), **va.as_metrics("val"),
                    "train/samples": tr.samples, "train/lr": optimizer.param_groups[0]["lr"],
                    "train/epoch_seconds": train_s, "train/samples_per_s": tr.samples / max(train_s, 1e-9)}
