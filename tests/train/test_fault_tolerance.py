@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -55,70 +54,71 @@ def _wait_for_epoch(root: Path, epoch: int, timeout: float = 240) -> None:
         time.sleep(0.2)
 
 
-def _kill_one_train_worker() -> int:
-    workers = [p for p in psutil.process_iter(["pid", "cmdline"])
-               if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
-    assert workers, "no Ray Train worker process found"
-    victim = workers[-1]
-    os.kill(victim.pid, signal.SIGKILL)
-    return victim.pid
+def _kill_one_train_worker(driver: subprocess.Popen) -> int:
+    """SIGKILL one Ray Train worker of *this* job: only the driver's descendants are candidates."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        workers = [p for p in psutil.Process(driver.pid).children(recursive=True)
+                   if any("RayTrainWorker" in part for part in _cmdline(p))]
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            return workers[-1].pid
+        time.sleep(0.2)
+    raise AssertionError("no Ray Train worker process found under the driver")
 
 
-def _run_in_thread(spec: JobSpec, cwd: Path):
-    from orchard.runner import run_job
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
 
-    outcome: dict = {}
 
-    def target():
-        os.chdir(cwd)
-        try:
-            outcome["summary"] = run_job(spec)
-        except BaseException as exc:  # noqa: BLE001 - the test inspects it
-            outcome["error"] = exc
+def _start(spec: JobSpec, tmp_path: Path, *extra: str) -> subprocess.Popen:
+    """`orchard run` as a user starts it, in its own process group (so a test can kill the whole driver)."""
+    import yaml
 
-    t = threading.Thread(target=target)
-    t.start()
-    return t, outcome
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    return subprocess.Popen([sys.executable, "-m", "orchard.cli", "run", str(path), *extra], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _steps(client: MlflowClient, run_id: str, metric: str) -> list[int]:
     return [m.step for m in client.get_metric_history(run_id, metric)]
 
 
-def test_a_killed_worker_is_replaced_and_training_resumes_in_the_same_run(tmp_path, data_root, monkeypatch):
-    here = os.getcwd()
-    spec = _spec(tmp_path, data_root, max_failures=1)
-    thread, outcome = _run_in_thread(spec, tmp_path)
-    try:
-        _wait_for_epoch(tmp_path, KILL_IN - 1)
-        _kill_one_train_worker()
-        thread.join(600)
-    finally:
-        os.chdir(here)
-    assert "error" not in outcome, outcome.get("error")
-    summary = outcome["summary"]
+def _only_run(spec: JobSpec):
     client = MlflowClient(spec.tracking.uri)
     runs = client.search_runs([client.get_experiment_by_name(spec.name).experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert _steps(client, summary.run_id, "train/loss") == list(range(1, EPOCHS + 1))  # each epoch once
-    resumed = runs[0].data.metrics.get("train/resumed_from")
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes_in_the_same_run(tmp_path, data_root):
+    spec = _spec(tmp_path, data_root, max_failures=1)
+    driver = _start(spec, tmp_path)
+    _wait_for_epoch(tmp_path, KILL_IN - 1)
+    _kill_one_train_worker(driver)
+    out, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, out[-3000:]
+    client, run = _only_run(spec)
+    assert run.info.status == "FINISHED"
+    assert _steps(client, run.info.run_id, "train/loss") == list(range(1, EPOCHS + 1))  # each epoch once
+    resumed = run.data.metrics.get("train/resumed_from")
     assert resumed is not None and resumed >= KILL_IN - 1
-    assert summary.headline[1] > 0.9
+    assert run.data.metrics["test/accuracy"] > 0.9
 
 
 def test_without_retries_a_killed_worker_fails_the_run_cleanly(tmp_path, data_root):
-    here = os.getcwd()
     spec = _spec(tmp_path, data_root, max_failures=0)
-    thread, outcome = _run_in_thread(spec, tmp_path)
-    try:
-        _wait_for_epoch(tmp_path, KILL_IN - 1)
-        _kill_one_train_worker()
-        thread.join(600)
-    finally:
-        os.chdir(here)
-    assert "error" in outcome, "the job should fail"
-    client = MlflowClient(spec.tracking.uri)
-    run = client.search_runs([client.get_experiment_by_name(spec.name).experiment_id])[0]
+    driver = _start(spec, tmp_path)
+    _wait_for_epoch(tmp_path, KILL_IN - 1)
+    _kill_one_train_worker(driver)
+    out, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 1, out[-3000:]
+    assert "failed:" in out
+    _, run = _only_run(spec)
     assert run.info.status == "FAILED"
     checkpoints = sorted(p for p in (tmp_path / "ray").glob("*/checkpoint_*") if p.is_dir())
     assert checkpoints, "the epochs before the kill left checkpoints"
@@ -131,27 +131,21 @@ def test_without_retries_a_killed_worker_fails_the_run_cleanly(tmp_path, data_ro
 
 
 def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path, data_root):
-    import yaml
-
     spec = _spec(tmp_path, data_root, max_failures=0)
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    cmd = [sys.executable, "-m", "orchard.cli", "run", str(path)]
-    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    first = _start(spec, tmp_path)
     try:
         _wait_for_epoch(tmp_path, KILL_IN - 1)
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started
         first.wait()
     time.sleep(2)
-    second = subprocess.run([*cmd, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:]
-    client = MlflowClient(spec.tracking.uri)
-    runs = client.search_runs([client.get_experiment_by_name(spec.name).experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert _steps(client, runs[0].info.run_id, "train/loss") == list(range(1, EPOCHS + 1))
-    assert runs[0].data.metrics["train/resumed_from"] >= KILL_IN - 1
+    second = _start(spec, tmp_path, "--resume")
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out[-3000:]
+    client, run = _only_run(spec)
+    assert run.info.status == "FINISHED"
+    assert _steps(client, run.info.run_id, "train/loss") == list(range(1, EPOCHS + 1))
+    assert run.data.metrics["train/resumed_from"] >= KILL_IN - 1
 
 
 def test_resume_without_an_unfinished_run_is_refused(tmp_path, data_root):
