@@ -84,6 +84,7 @@ def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path, resume_
 
     job = JobRun(spec, resume_run_id=resume_id)
     try:
+        job.monitor_system()
         if not job.resumed:
             job.log_dataset(prepared)
         if spec.kind == "train":

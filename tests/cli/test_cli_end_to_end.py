@@ -37,6 +37,7 @@ def test_digits_cnn_job_leaves_one_complete_mlflow_run(tmp_path):
     assert m["test/accuracy"] >= 0.94
     assert run.data.tags["orchard.kind"] == "train"
     assert run.data.params["model.family"] == "cnn"
+    assert any(k.startswith("system/cpu") for k in m), "system metrics logged while the job ran"
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/learning_curve.png", "plots/confusion_matrix.png"} <= artifacts

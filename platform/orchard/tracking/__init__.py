@@ -73,6 +73,7 @@ class JobRun:
         client = mlflow.tracking.MlflowClient(self.uri)
         self._client = client
         self._finished = False
+        self._monitor = None
         self.resumed = resume_run_id is not None
         if resume_run_id:
             run = client.get_run(resume_run_id)
@@ -110,7 +111,18 @@ class JobRun:
         return runs[0].info.run_id if runs else None
 
     # -- lifecycle -------------------------------------------------------------------------------
+    def monitor_system(self, interval_s: float = 5.0) -> None:
+        """CPU, memory, disk, network (and GPU where pynvml sees one) as ``system/*`` metrics while the job runs."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=self.resumed,
+                                             tracking_uri=self.uri)
+        self._monitor.start()
+
     def finish(self, status: str = "FINISHED") -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         if not self._finished:
             self._client.set_terminated(self.run_id, status=status)
             self._finished = True
