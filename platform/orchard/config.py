@@ -53,6 +53,8 @@ class DataSpec(_Section):
     )
     label: str = Field("label", description="Name of the label column (CSV/Parquet sources).")
     features: list[str] | None = Field(None, description="Feature columns; default: every other column.")
+    categorical: list[str] = Field(
+        [], description="Columns holding categories: indexed with a train-split vocabulary, embedded by the MLP.")
     task: Literal["auto", "classification", "regression"] = Field(
         "auto", description="auto = regression for sklearn:diabetes, else classification.")
     normalize: Literal["standard", "minmax", "none"] = Field(

@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StringType
 
 from orchard.config import SpecError
-from orchard.data.readers import feature_col
+from orchard.data.readers import category_col, feature_col
 from orchard.data.source import Source
 
 # A label column with more distinct values than this is almost surely not a class label.
@@ -53,7 +53,10 @@ def parse(raw: DataFrame, source: Source, regression: bool = False) -> DataFrame
         numeric,
         *checks,
     )
-    return raw.select("_row", "_raw", *values, label.alias("_lab"), reason.alias("_reason"))
+    # A missing category is a value of its own (""), not a broken row.
+    cats = [F.coalesce(F.trim(F.col(category_col(j))), F.lit("")).alias(category_col(j))
+            for j in range(len(source.categorical))]
+    return raw.select("_row", "_raw", *values, *cats, label.alias("_lab"), reason.alias("_reason"))
 
 
 def tally(parsed: DataFrame, source: Source) -> Tally:
@@ -95,15 +98,17 @@ def tally_regression(parsed: DataFrame) -> Tally:
     return Tally(int(row["n"]), int(row["bad"]), [], {})
 
 
-def indexed(parsed: DataFrame, tally: Tally, n_features: int, regression: bool = False) -> DataFrame:
+def indexed(parsed: DataFrame, tally: Tally, n_features: int, regression: bool = False,
+            n_categorical: int = 0) -> DataFrame:
     """The clean rows with ``label`` as an int64 class index (or the double target for regression)."""
+    cats = [category_col(j) for j in range(n_categorical)]
     if regression:
-        values = [value_col(i) for i in range(n_features)]
+        values = [value_col(i) for i in range(n_features)] + cats
         target = _as_double(F.col("_lab"))
         return parsed.filter(F.col("_reason").isNull()).select(*values, target.alias("label"))
     pairs = [F.lit(x) for key, i in sorted(tally.index.items()) for x in (key, i)]
     label = F.create_map(*pairs)[F.col("_lab")].cast("long")
-    values = [value_col(i) for i in range(n_features)]
+    values = [value_col(i) for i in range(n_features)] + cats
     return parsed.filter(F.col("_reason").isNull()).select(*values, label.alias("label"))
 
 

@@ -15,7 +15,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from orchard.config import DataSpec
-from orchard.data import clean, normalize, readers, split
+from orchard.data import categories, clean, normalize, readers, split
 from orchard.data.manifest import FEATURES_COL, LABEL_COL, SPLITS
 from orchard.data.source import Source, task_of
 from orchard.data.write import QUARANTINE, SPARK_DIR, finish_quarantine, finish_split, split_schema
@@ -36,13 +36,15 @@ def run(
         log.info(
             "%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes)
         )
-        rows = split.assign(clean.indexed(parsed, tally, d, regression), data.split, d, not regression).cache()
+        c = len(source.categorical)
+        rows = split.assign(clean.indexed(parsed, tally, d, regression, c), data.split, d, not regression, c).cache()
         hold.append(rows)
         distinct = rows.count()
         train = rows.filter(F.col("split") == "train")
         stats = normalize.fit(train, data.normalize, d)
         target = _target_stats(train) if regression else None
-        sizes = _write_splits(rows, data, stats, tmp, d, regression)
+        vocab = categories.fit(train, source.categorical)
+        sizes = _write_splits(rows, data, stats, tmp, d, regression, categories.encode(vocab))
         if tally.quarantined:
             _write_quarantine(parsed, tmp, tally.quarantined)
     finally:
@@ -59,6 +61,11 @@ def run(
     manifest = _manifest(spark, source, data, tally, stats, counts, shape, digest)
     if target is not None:
         manifest["target_stats"] = target
+    if vocab:
+        manifest["features"] = [*source.features, *source.categorical]
+        manifest["feature_dim"] = d + len(vocab)
+        manifest["categorical"] = categories.describe(vocab, d)
+        manifest["schema"] = {f.name: str(f.type) for f in split_schema(d + len(vocab), regression)}
     return manifest
 
 
@@ -68,9 +75,12 @@ def _target_stats(train: DataFrame) -> dict[str, float]:
     return {"mean": float(row["mean"]), "std": float(row["std"]) or 1.0}
 
 
-def _write_splits(rows: DataFrame, data: DataSpec, stats: dict, tmp: Path, d: int, regression: bool
-                  ) -> dict[str, int]:
-    features = F.array(*normalize.apply(data.normalize, stats, d)).alias(FEATURES_COL)
+def _write_splits(rows: DataFrame, data: DataSpec, stats: dict, tmp: Path, d: int, regression: bool,
+                  codes: list) -> dict[str, int]:
+    # Category indices ride at the end of the float feature vector (exact below 2**24), so every
+    # consumer keeps one tensor column; the model splits them off for its embeddings.
+    features = F.array(*normalize.apply(data.normalize, stats, d), *codes).alias(FEATURES_COL)
+    d += len(codes)
     staged = tmp / SPARK_DIR / "splits"
     # One Spark job for all three splits; the pyarrow pass then fixes types, order and file count.
     rows.select(features, LABEL_COL, "split", "_order", "_rank").write.partitionBy("split").parquet(

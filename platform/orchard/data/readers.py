@@ -36,6 +36,11 @@ def feature_col(i: int) -> str:
     return f"_f{i}"
 
 
+def category_col(j: int) -> str:
+    """Categorical column j as read (a string)."""
+    return f"_k{j}"
+
+
 def quoted(name: str) -> Column:
     """A column by its exact name, even with dots or spaces in it."""
     return F.col("`" + name.replace("`", "``") + "`")
@@ -71,6 +76,7 @@ def _read_csv(spark: SparkSession, source: Source, hold: list[DataFrame]) -> Dat
         F.col("value").alias("_raw"),
         _csv_problem(F.col("value"), width, parsed["_corrupt_record"]).alias("_problem"),
         *[parsed[f"_c{index[f]}"].alias(feature_col(i)) for i, f in enumerate(source.features)],
+        *[parsed[f"_c{index[c]}"].alias(category_col(j)) for j, c in enumerate(source.categorical)],
         parsed[f"_c{index[source.label]}"].alias("_y"),
     )
 
@@ -89,12 +95,13 @@ def _csv_problem(line: Column, width: int, corrupt: Column) -> Column:
 
 def _read_parquet(spark: SparkSession, source: Source, hold: list[DataFrame]) -> DataFrame:
     records = _numbered(spark.read.parquet(source.location), hold)
-    kept = [*source.features, source.label]
+    kept = [*source.features, *source.categorical, source.label]
     return records.select(
         (F.col("_line") + 1).alias("_row"),
         F.to_json(F.struct(*[quoted(c) for c in kept])).alias("_raw"),
         F.lit(None).cast("string").alias("_problem"),
         *[quoted(f).alias(feature_col(i)) for i, f in enumerate(source.features)],
+        *[quoted(c).cast("string").alias(category_col(j)) for j, c in enumerate(source.categorical)],
         quoted(source.label).alias("_y"),
     )
 

@@ -29,8 +29,9 @@ class Source:
     location: str  # the sklearn dataset name, or the resolved file/folder path
     slug: str
     columns: tuple[str, ...]  # every column the source has, in source order
-    features: tuple[str, ...]
+    features: tuple[str, ...]  # numeric columns
     label: str
+    categorical: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return f"sklearn:{self.location}" if self.kind == "sklearn" else self.location
@@ -50,9 +51,24 @@ def resolve(data: DataSpec) -> Source:
         else:
             kind, (columns, not_numeric) = "parquet", _parquet_columns(path)
         location = str(path.resolve())
-    features = _pick_features(data, columns, location, not_numeric)
+    categorical = _pick_categorical(data, columns, location, kind)
+    numeric_only = {k: v for k, v in not_numeric.items() if k not in categorical}
+    features = [c for c in _pick_features(data, columns, location, numeric_only, categorical) if c not in categorical]
     slug = _slug(location if kind == "sklearn" else Path(location).stem)
-    return Source(kind, location, slug, tuple(columns), tuple(features), data.label)
+    return Source(kind, location, slug, tuple(columns), tuple(features), data.label, tuple(categorical))
+
+
+def _pick_categorical(data: DataSpec, columns: list[str], where: str, kind: str) -> list[str]:
+    if not data.categorical:
+        return []
+    if kind == "sklearn":
+        raise SpecError("data.categorical: the bundled sklearn datasets have no categorical columns")
+    missing = [c for c in data.categorical if c not in columns]
+    if missing:
+        raise SpecError(f"data.categorical: {missing} not found in {where} (columns: {_short(columns)})")
+    if data.label in data.categorical:
+        raise SpecError(f"data.categorical: the label column {data.label!r} cannot also be a feature")
+    return list(dict.fromkeys(data.categorical))
 
 
 def content_hash(source: Source, data: DataSpec) -> str:
@@ -154,12 +170,14 @@ def _castable_to_number(t) -> bool:
     )
 
 
-def _pick_features(data: DataSpec, columns: list[str], where: str, not_numeric: dict[str, str]) -> list[str]:
+def _pick_features(data: DataSpec, columns: list[str], where: str, not_numeric: dict[str, str],
+                   categorical: list[str] = ()) -> list[str]:
     if data.label not in columns:
         raise SpecError(
             f"data.label: column {data.label!r} not found in {where} (columns: {_short(columns)})"
         )
     wanted = data.features if data.features is not None else [c for c in columns if c != data.label]
+    wanted = [c for c in wanted if c not in categorical]
     missing = [c for c in wanted if c not in columns]
     if missing:
         raise SpecError(f"data.features: {missing} not found in {where} (columns: {_short(columns)})")

@@ -13,16 +13,19 @@ from pyspark.sql import functions as F
 
 from orchard.config import SplitSpec
 from orchard.data.clean import value_col
+from orchard.data.readers import category_col
 
 
-def assign(clean: DataFrame, split: SplitSpec, n_features: int, by_class: bool = True) -> DataFrame:
+def assign(clean: DataFrame, split: SplitSpec, n_features: int, by_class: bool = True,
+           n_categorical: int = 0) -> DataFrame:
     """Distinct rows with ``split`` (train/val/test) and a seeded shuffle key ``_order``.
 
     ``_rank`` (the row's rank within its group) breaks ``_order`` ties, so (``_order``, ``label``,
     ``_rank``) orders rows totally.
     """
-    content = [*(F.col(value_col(i)) for i in range(n_features)), F.col("label")]
-    distinct = clean.dropDuplicates([value_col(i) for i in range(n_features)] + ["label"])
+    keys = [value_col(i) for i in range(n_features)] + [category_col(j) for j in range(n_categorical)]
+    content = [*(F.col(k) for k in keys), F.col("label")]
+    distinct = clean.dropDuplicates([*keys, "label"])
     # A regression target has no classes to stratify by: its rows are one group.
     group = F.col("label") if split.stratify and by_class else F.lit(0)
     # The content after the hash breaks hash ties, so the order is total and never arrival order.

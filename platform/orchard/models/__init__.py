@@ -53,15 +53,27 @@ def _dense_stack(in_dim: int, widths: Sequence[int], spec: ModelSpec) -> tuple[n
 
 
 class MLP(nn.Module):
-    """Feed-forward classifier over a flat feature vector."""
+    """Feed-forward network over a flat feature vector.
 
-    def __init__(self, in_dim: int, num_outputs: int, spec: ModelSpec) -> None:
+    With categorical columns, their indices sit in the last ``len(cardinalities)`` positions of the row;
+    each gets a learned embedding (width min(50, ceil(cardinality / 2))) concatenated to the numeric part.
+    """
+
+    def __init__(self, in_dim: int, num_outputs: int, spec: ModelSpec, cardinalities: Sequence[int] = ()) -> None:
         super().__init__()
-        self.body, width = _dense_stack(in_dim, spec.hidden, spec)
+        self.n_numeric = in_dim - len(cardinalities)
+        self.embeddings = nn.ModuleList(nn.Embedding(c, min(50, (c + 1) // 2)) for c in cardinalities)
+        width = self.n_numeric + sum(e.embedding_dim for e in self.embeddings)
+        self.body, width = _dense_stack(width, spec.hidden, spec)
         self.head = nn.Linear(width, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x.flatten(1)))
+        x = x.flatten(1)
+        if self.embeddings:
+            idx = x[:, self.n_numeric :].long()
+            parts = [x[:, : self.n_numeric], *(e(idx[:, j]) for j, e in enumerate(self.embeddings))]
+            x = torch.cat(parts, dim=1)
+        return self.head(self.body(x))
 
 
 class CNN(nn.Module):
@@ -185,13 +197,16 @@ def sequence_shape(feature_dim: int, image_shape: Sequence[int] | None,
 
 
 def build_model(spec: ModelSpec, feature_dim: int, num_outputs: int, image_shape: Sequence[int] | None,
-                seq_shape: Sequence[int] | None = None) -> nn.Module:
+                seq_shape: Sequence[int] | None = None, cardinalities: Sequence[int] = ()) -> nn.Module:
     """The module a spec names, sized from the prepared data's manifest."""
+    if cardinalities and spec.family != "mlp":
+        raise ValueError(f"data.categorical: embeddings for categorical columns need model.family=mlp, "
+                         f"not {spec.family}")
     if spec.family in ("rnn", "transformer"):
         shape = sequence_shape(feature_dim, image_shape, seq_shape)
         return (RNN if spec.family == "rnn" else TransformerEncoder)(shape, num_outputs, spec)
     if spec.family == "mlp":
-        return MLP(feature_dim, num_outputs, spec)
+        return MLP(feature_dim, num_outputs, spec, cardinalities)
     if spec.family == "cnn":
         if not image_shape:
             raise ValueError("model.family=cnn needs data.image_shape (e.g. [1, 8, 8])")
@@ -226,8 +241,9 @@ class TargetScale(nn.Module):
 
 def model_from_manifest(spec: ModelSpec, manifest: dict, seq_shape: Sequence[int] | None = None,
                         loss: str = "auto") -> nn.Module:
+    cards = [c["cardinality"] for c in manifest.get("categorical") or []]
     model = build_model(spec, manifest["feature_dim"], num_outputs(manifest, loss), manifest.get("image_shape"),
-                        seq_shape)
+                        seq_shape, cards)
     stats = manifest.get("target_stats")
     if manifest.get("task") == "regression" and stats:
         model = TargetScale(model, stats["mean"], stats["std"])
