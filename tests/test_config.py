@@ -80,3 +80,8 @@ def test_spec_hash_is_stable_and_sensitive():
 def test_names_from_other_tools_suggest_ours():
     with pytest.raises(SpecError, match=r"train.learning_rate: unknown key \(did you mean 'train.lr'\?\)"):
         validate_spec({"name": "x", "kind": "train", "train": {"learning_rate": 0.1}})
+
+
+def test_fsdp_without_gpus_is_refused_up_front():
+    with pytest.raises(SpecError, match="scaling: .*fsdp"):
+        validate_spec({"name": "x", "kind": "train", "scaling": {"strategy": "fsdp", "use_gpu": False}})

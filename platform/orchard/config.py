@@ -167,6 +167,12 @@ class ScalingSpec(_Section):
     max_failures: int = Field(0, ge=-1, le=1000, description="Worker-group restarts from the last checkpoint; -1 = unlimited.")
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="Checkpoints kept (the best one is never dropped).")
 
+    @model_validator(mode="after")
+    def _fsdp_needs_gpus(self) -> ScalingSpec:
+        if self.strategy == "fsdp" and self.use_gpu is False:
+            raise ValueError("strategy fsdp shards over GPUs: it needs use_gpu true or auto")
+        return self
+
 
 class FederatedSpec(_Section):
     clients: int = Field(10, ge=1, le=100_000, description="Number of simulated clients (SuperNodes).")

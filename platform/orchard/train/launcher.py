@@ -97,6 +97,10 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None
     # New block order every epoch; rows inside blocks were shuffled once at prep time.
     datasets["train"] = datasets["train"].randomize_block_order()
     use_gpu = _use_gpu(spec)
+    if spec.scaling.strategy == "fsdp" and not use_gpu:
+        from orchard.config import SpecError
+
+        raise SpecError("scaling.strategy: fsdp shards over GPUs, and this Ray cluster has none (use ddp)")
     progress_file = (run_dir / "progress.json").resolve() if run_dir else None
     trainer = TorchTrainer(
         train_loop,
