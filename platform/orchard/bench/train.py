@@ -74,15 +74,13 @@ def _memory_batches(x: torch.Tensor, y: torch.Tensor):
 
 
 def _raydata_batches(prepared):
+    """The same Ray Data → tensor path the Ray Train workers use."""
     import ray.data
 
-    ds = ray.data.read_parquet(str(prepared.split_path("train").resolve())).randomize_block_order()
+    from orchard.train.feed import tensor_batches
 
-    def gen():
-        for b in ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=2,
-                                       dtypes={"features": torch.float32, "label": torch.int64}):
-            yield b["features"], b["label"]
-    return gen
+    ds = ray.data.read_parquet(str(prepared.split_path("train").resolve())).randomize_block_order()
+    return lambda: tensor_batches(ds, BATCH)
 
 
 def _platform(spec: JobSpec, prepared) -> tuple[float, float]:

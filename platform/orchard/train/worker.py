@@ -12,7 +12,6 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,10 @@ from orchard.engine.cache import EpochCache, cache_budget
 from orchard.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from orchard.engine.early_stopping import EarlyStopper
 from orchard.models import model_from_manifest
+from orchard.train.feed import tensor_batches
 
 TEST_FILE = "test.json"
 BEST_FILE = "best.safetensors"
-
-
-def _batches(it, batch_size: int, label_dtype: torch.dtype, rank_slice: tuple[int, int] | None = None,
-             pin: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(features, label) pairs from a Ray Data iterator; rank_slice=(rank, world) deals batches round-robin."""
-    for i, b in enumerate(it.iter_torch_batches(batch_size=batch_size, prefetch_batches=2, pin_memory=pin,
-                                                dtypes={"features": torch.float32, "label": label_dtype})):
-        if rank_slice is None or i % rank_slice[1] == rank_slice[0]:
-            yield b["features"], b["label"]
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -69,9 +60,9 @@ def train_loop(config: dict[str, Any]) -> None:
     budget = cache_budget(device) if spec.train.cache == "auto" else 0
     bs = spec.train.batch_size
     # Every rank caches the same way: equal shards (streaming_split equal=True) keep DDP step counts equal.
-    train_data = EpochCache(lambda: _batches(train_shard, bs, label_dtype, pin=pin), device, bs, True, budget,
+    train_data = EpochCache(lambda: tensor_batches(train_shard, bs, label_dtype, pin=pin), device, bs, True, budget,
                             seed=spec.train.seed + rank)
-    val_data = EpochCache(lambda: _batches(val_ds, bs * 4, label_dtype, (rank, world), pin), device, bs * 4,
+    val_data = EpochCache(lambda: tensor_batches(val_ds, bs * 4, label_dtype, (rank, world), pin), device, bs * 4,
                           False, budget // 4)
     for epoch in range(start, spec.train.epochs + 1):
         t0 = time.perf_counter()
@@ -94,7 +85,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # The best epoch's weights (by the early-stopping metric, else the last) are the ones tested and logged.
     if best is not None:
         unwrap(model).load_state_dict(best)
-    te = evaluate(model, _batches(ray.train.get_dataset_shard("test"), spec.train.batch_size * 4, label_dtype,
+    te = evaluate(model, tensor_batches(ray.train.get_dataset_shard("test"), spec.train.batch_size * 4, label_dtype,
                            (rank, world), pin),
                   device, task, opts)
     test_metrics = te.as_metrics("test")
