@@ -95,13 +95,19 @@ def _only_run(spec: JobSpec):
     return client, runs[0]
 
 
-def test_a_killed_worker_is_replaced_and_training_resumes_in_the_same_run(tmp_path, data_root):
-    spec = _spec(tmp_path, data_root, max_failures=1)
+def _run_killing_a_worker(spec: JobSpec, tmp_path: Path) -> tuple[int, str]:
+    """Start the job, SIGKILL one of its workers inside epoch KILL_IN, return (exit code, output)."""
     driver = _start(spec, tmp_path)
     _wait_for_epoch(tmp_path, KILL_IN - 1)
     _kill_one_train_worker(driver)
     out, _ = driver.communicate(timeout=600)
-    assert driver.returncode == 0, out[-3000:]
+    return driver.returncode, out
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes_in_the_same_run(tmp_path, data_root):
+    spec = _spec(tmp_path, data_root, max_failures=1)
+    code, out = _run_killing_a_worker(spec, tmp_path)
+    assert code == 0, out[-3000:]
     client, run = _only_run(spec)
     assert run.info.status == "FINISHED"
     assert _steps(client, run.info.run_id, "train/loss") == list(range(1, EPOCHS + 1))  # each epoch once
@@ -112,11 +118,8 @@ def test_a_killed_worker_is_replaced_and_training_resumes_in_the_same_run(tmp_pa
 
 def test_without_retries_a_killed_worker_fails_the_run_cleanly(tmp_path, data_root):
     spec = _spec(tmp_path, data_root, max_failures=0)
-    driver = _start(spec, tmp_path)
-    _wait_for_epoch(tmp_path, KILL_IN - 1)
-    _kill_one_train_worker(driver)
-    out, _ = driver.communicate(timeout=600)
-    assert driver.returncode == 1, out[-3000:]
+    code, out = _run_killing_a_worker(spec, tmp_path)
+    assert code == 1, out[-3000:]
     assert "failed:" in out
     _, run = _only_run(spec)
     assert run.info.status == "FAILED"
