@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +199,3 @@ class JobRun:
             )
         return info.model_uri
 
-
-def artifact_dir() -> str:
-    return tempfile.mkdtemp(prefix="orchard-artifacts-")
