@@ -174,15 +174,98 @@ class ScalingSpec(_Section):
         return self
 
 
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "qfedavg",
+              "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+ROBUST_STRATEGIES = ("krum", "multikrum", "bulyan")
+
+
+class StrategySpec(_Section):
+    name: Literal[STRATEGIES] = Field("fedavg", description="Flower strategy (flwr.serverapp.strategy) that aggregates replies.")
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx: weight of the proximal term in each client's loss.")
+    server_lr: float = Field(1.0, gt=0, description="FedAvgM server learning rate; eta of FedAdagrad/FedAdam/FedYogi.")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM server momentum.")
+    beta_1: float = Field(0.9, ge=0, lt=1, description="FedAdam/FedYogi first-moment decay.")
+    beta_2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay.")
+    tau: float = Field(1e-3, gt=0, description="FedAdagrad/FedAdam/FedYogi adaptivity (epsilon).")
+    q: float = Field(0.1, ge=0, description="QFedAvg fairness exponent q.")
+    trim_beta: float = Field(0.2, ge=0, lt=0.5, description="FedTrimmedAvg: fraction trimmed at each end.")
+    num_malicious: int | Literal["auto"] = Field(
+        "auto", description="Krum/MultiKrum/Bulyan: attackers tolerated; auto = from federated.attack.fraction.")
+    num_selected: int = Field(5, ge=1, description="MultiKrum: replies averaged after selection.")
+
+    @field_validator("num_malicious")
+    @classmethod
+    def _non_negative(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError("must be >= 0 or auto")
+        return v
+
+
+class PrivacySpec(_Section):
+    mode: Literal["none", "central_fixed", "central_adaptive", "local"] = Field(
+        "none", description="Differential privacy: server-side fixed/adaptive clipping (central) or a client mod (local).")
+    noise_multiplier: float = Field(1.0, ge=0, description="Central DP: Gaussian noise stddev / clipping norm.")
+    clipping_norm: float = Field(1.0, gt=0, description="L2 bound on a client update (initial bound when adaptive).")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="Adaptive clipping: quantile of updates left unclipped.")
+    epsilon: float = Field(10.0, gt=0, description="Local DP: per-reply epsilon of the Laplace/Gaussian client mod.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta at which the privacy budget epsilon is reported.")
+    secagg: bool = Field(False, description="Secure aggregation (SecAgg+): the server sees only the sum of updates.")
+    secagg_shares: int = Field(3, ge=2, description="SecAgg+: shares of each client's secret.")
+    secagg_threshold: int = Field(2, ge=1, description="SecAgg+: shares needed to reconstruct a dropped client's mask.")
+
+
+class FaultSpec(_Section):
+    crash: float = Field(0.0, ge=0, le=1, description="Chance a client raises instead of replying, per round.")
+    timeout: float = Field(0.0, ge=0, le=1, description="Chance a client replies after the round deadline, per round.")
+    dropout: float = Field(0.0, ge=0, le=1, description="Chance a client leaves without a reply, per round.")
+    seed: int = Field(0, description="Seed of the fault draws (per client and round).")
+
+
+class AttackSpec(_Section):
+    kind: Literal["none", "sign_flip", "scale", "gaussian", "label_flip"] = Field(
+        "none", description="What malicious clients send.")
+    fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of clients that are malicious (fixed ids).")
+    scale: float = Field(10.0, description="sign_flip/scale: factor applied to the malicious update.")
+    noise_std: float = Field(1.0, ge=0, description="gaussian: stddev of the noise sent as an update.")
+    seed: int = Field(0, description="Seed choosing the malicious clients.")
+
+
 class FederatedSpec(_Section):
     clients: int = Field(10, ge=1, le=100_000, description="Number of simulated clients (SuperNodes).")
     rounds: int = Field(10, ge=1, le=100_000, description="Federated rounds.")
-    partition: Literal["iid", "dirichlet"] = Field("iid", description="How the training split is divided.")
+    partition: Literal["iid", "dirichlet", "pathological", "shard", "natural"] = Field(
+        "iid", description="How the training split is divided among clients.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed).")
+    classes_per_client: int = Field(2, ge=1, description="pathological: distinct classes each client holds.")
+    shards_per_client: int = Field(2, ge=1, description="shard: label-sorted shards each client holds.")
+    partition_by: str | None = Field(None, description="natural: the source column naming each row's client (site, user).")
+    strategy: StrategySpec = Field(default_factory=StrategySpec, description="Server-side aggregation.")
     fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of clients sampled per round.")
+    min_train_clients: int = Field(1, ge=1, description="Fewest replies a round aggregates; fewer = round skipped.")
+    min_available_clients: int | None = Field(None, ge=1, description="Clients that must be connected; default: all.")
     local_epochs: int = Field(1, ge=1, le=1000, description="Local epochs per round on each client.")
+    client_lr: float | None = Field(None, gt=0, description="Clients' learning rate; default: train.lr.")
     client_cpus: float = Field(1.0, gt=0, description="CPUs per simulated client (Ray backend).")
+    round_timeout_s: float = Field(600.0, gt=0, description="Replies later than this are dropped from the round.")
+    connect_timeout_s: float = Field(120.0, gt=0, description="Give up if the clients are not connected by then.")
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec, description="Differential privacy and secure aggregation.")
+    faults: FaultSpec = Field(default_factory=FaultSpec, description="Simulated client failures.")
+    attack: AttackSpec = Field(default_factory=AttackSpec, description="Simulated malicious clients.")
     seed: int = Field(0, description="Seed of the partition.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederatedSpec:
+        if self.partition == "natural" and not self.partition_by:
+            raise ValueError("partition natural needs partition_by (the column naming each row's client)")
+        if self.partition_by and self.partition != "natural":
+            raise ValueError("partition_by is only used with partition: natural")
+        if self.min_available_clients is not None and self.min_available_clients > self.clients:
+            raise ValueError(f"min_available_clients={self.min_available_clients} exceeds clients={self.clients}: "
+                             "the federation would wait forever")
+        if self.min_train_clients > self.clients:
+            raise ValueError(f"min_train_clients={self.min_train_clients} exceeds clients={self.clients}: "
+                             "no round could ever aggregate")
+        return self
 
 
 class TrackingSpec(_Section):
