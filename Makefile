@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint unit ui clean sysdeps
+.PHONY: install demo test lint unit ui clean sysdeps services
 
 # The whole pinned stack in ONE resolver call, so Flower's ray/packaging pins and ours hold together.
 $(STAMP): pyproject.toml constraints.txt
@@ -18,9 +18,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) sysdeps
 
-# Java runs Spark; it is on this image, and apt installs it elsewhere.
+# Java runs Spark; Debian's docker-compose validates docker-compose.yml without a Docker daemon;
+# PostgreSQL backs the MLflow server of the cluster tests. apt runs only for what is missing.
+SYSPKGS := $(if $(shell command -v java),,openjdk-17-jre-headless) \
+           $(if $(shell command -v docker-compose),,docker-compose) \
+           $(if $(shell command -v pg_ctlcluster),,postgresql)
 sysdeps:
-	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
+	@if [ -n "$(strip $(SYSPKGS))" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSPKGS); fi
+
+# The machine's PostgreSQL, with the role and database the MLflow server tests use
+# (ORCHARD_TEST_PG_URI points the tests here).
+PG_URI := postgresql://orchard:orchard@127.0.0.1:5432/orchard
+services: sysdeps
+	@pg_ctlcluster 15 main start 2>/dev/null || pg_ctlcluster 15 main status >/dev/null
+	@su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='orchard'\"" | grep -q 1 || \
+	  su postgres -c "psql -qc \"CREATE ROLE orchard LOGIN CREATEDB PASSWORD 'orchard'\""
+	@su postgres -c "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='orchard'\"" | grep -q 1 || \
+	  su postgres -c "createdb -O orchard orchard"
+	@echo "PostgreSQL up: $(PG_URI)"
 
 demo: install
 	$(VENV)/bin/orchard demo
@@ -31,8 +46,8 @@ lint: install
 unit: install
 	$(PY) -m pytest -q -m "not slow"
 
-test: install lint
-	$(PY) -m pytest -q --durations=15
+test: install services lint
+	ORCHARD_TEST_PG_URI=$(PG_URI) $(PY) -m pytest -q --durations=15
 
 ui: install
 	$(VENV)/bin/orchard ui
