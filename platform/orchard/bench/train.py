@@ -75,11 +75,10 @@ def _memory_batches(x: torch.Tensor, y: torch.Tensor):
 
 def _raydata_batches(prepared):
     """The same Ray Data → tensor path the Ray Train workers use."""
-    import ray.data
+    from orchard.train.feed import read_split, tensor_batches
 
-    from orchard.train.feed import tensor_batches
-
-    ds = ray.data.read_parquet(str(prepared.split_path("train").resolve())).randomize_block_order()
+    ds = read_split(str(prepared.split_path("train").resolve()), prepared.manifest["counts"]["train"],
+                    prepared.manifest["feature_dim"], shuffle_blocks=True)
     return lambda: tensor_batches(ds, BATCH)
 
 

@@ -86,16 +86,16 @@ def _progress_callback(logger: RunLogger | None, progress_file: Path | None):
 def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None = None,
                  run_dir: Path | None = None, run_name: str | None = None) -> TrainResult:
     """Fit ``spec`` on ``prepared``. A ``run_name`` seen before resumes from that run's latest checkpoint."""
-    import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from orchard.train.feed import read_split
     from orchard.train.worker import TEST_FILE, train_loop
 
     init_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker + 1)
-    datasets = {s: ray.data.read_parquet(str(prepared.split_path(s).resolve())) for s in ("train", "val", "test")}
-    # New block order every epoch; rows inside blocks were shuffled once at prep time.
-    datasets["train"] = datasets["train"].randomize_block_order()
+    datasets = {s: read_split(str(prepared.split_path(s).resolve()), prepared.manifest["counts"][s],
+                              prepared.manifest["feature_dim"], shuffle_blocks=s == "train")
+                for s in ("train", "val", "test")}
     use_gpu = _use_gpu(spec)
     if spec.scaling.strategy == "fsdp" and not use_gpu:
         from orchard.config import SpecError
