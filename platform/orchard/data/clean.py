@@ -15,7 +15,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StringType
 
 from orchard.config import SpecError
-from orchard.data.readers import category_col, feature_col
+from orchard.data.manifest import GROUP_COL
+from orchard.data.readers import GROUP_RAW, category_col, feature_col
 from orchard.data.source import Source
 
 # A label column with more distinct values than this is almost surely not a class label.
@@ -35,8 +36,12 @@ class Tally:
     index: dict[str, int]  # label as read (trimmed) -> class index
 
 
-def parse(raw: DataFrame, source: Source, regression: bool = False) -> DataFrame:
-    """Add parsed features ``_x*``, the trimmed label ``_lab`` and ``_reason`` (null = clean)."""
+def parse(raw: DataFrame, source: Source, regression: bool = False, group: str | None = None) -> DataFrame:
+    """Add parsed features ``_x*``, the trimmed label ``_lab`` and ``_reason`` (null = clean).
+
+    With a partition column ``group``, its trimmed value rides along as ``_g``; a row without one
+    belongs to no client and is quarantined.
+    """
     n = len(source.features)
     values = [_as_double(F.col(feature_col(i))).alias(value_col(i)) for i in range(n)]
     label = F.trim(F.col("_y").cast("string"))
@@ -47,16 +52,22 @@ def parse(raw: DataFrame, source: Source, regression: bool = False) -> DataFrame
                F.concat(F.lit(f"non-numeric target in column '{source.label}': "), label))
         if regression else F.lit(None).cast("string")
     )
+    gid = F.trim(F.col(GROUP_RAW).cast("string")) if group else None
+    missing_group = (F.when(gid.isNull() | (gid == ""), F.lit(f"empty value in column '{group}' "
+                                                             "(federated.partition_by)"))
+                     if group else F.lit(None).cast("string"))
     reason = F.coalesce(
         F.col("_problem"),
         F.when(label.isNull() | (label == ""), F.lit(f"empty label in column '{source.label}'")),
         numeric,
+        missing_group,
         *checks,
     )
     # A missing category is a value of its own (""), not a broken row.
     cats = [F.coalesce(F.trim(F.col(category_col(j))), F.lit("")).alias(category_col(j))
             for j in range(len(source.categorical))]
-    return raw.select("_row", "_raw", *values, *cats, label.alias("_lab"), reason.alias("_reason"))
+    carried = [gid.alias(GROUP_RAW)] if group else []
+    return raw.select("_row", "_raw", *values, *cats, *carried, label.alias("_lab"), reason.alias("_reason"))
 
 
 def tally(parsed: DataFrame, source: Source) -> Tally:
@@ -100,16 +111,19 @@ def tally_regression(parsed: DataFrame) -> Tally:
 
 def indexed(parsed: DataFrame, tally: Tally, n_features: int, regression: bool = False,
             n_categorical: int = 0) -> DataFrame:
-    """The clean rows with ``label`` as an int64 class index (or the double target for regression)."""
+    """The clean rows with ``label`` as an int64 class index (or the double target for regression).
+
+    A partition column parsed along (``_g``) comes out as ``group``.
+    """
     cats = [category_col(j) for j in range(n_categorical)]
-    if regression:
-        values = [value_col(i) for i in range(n_features)] + cats
-        target = _as_double(F.col("_lab"))
-        return parsed.filter(F.col("_reason").isNull()).select(*values, target.alias("label"))
-    pairs = [F.lit(x) for key, i in sorted(tally.index.items()) for x in (key, i)]
-    label = F.create_map(*pairs)[F.col("_lab")].cast("long")
     values = [value_col(i) for i in range(n_features)] + cats
-    return parsed.filter(F.col("_reason").isNull()).select(*values, label.alias("label"))
+    carried = [F.col(GROUP_RAW).alias(GROUP_COL)] if GROUP_RAW in parsed.columns else []
+    if regression:
+        label = _as_double(F.col("_lab"))
+    else:
+        pairs = [F.lit(x) for key, i in sorted(tally.index.items()) for x in (key, i)]
+        label = F.create_map(*pairs)[F.col("_lab")].cast("long")
+    return parsed.filter(F.col("_reason").isNull()).select(*values, *carried, label.alias("label"))
 
 
 def _as_double(value: Column) -> Column:

@@ -19,7 +19,11 @@ Details the writer guarantees:
   line number minus one), ``reason`` and ``raw`` (the CSV line, or the values as JSON), sorted by row;
 - ``stats`` are fitted on the train split only and stored as computed ({"mean", "std"} with the
   population std, or {"min", "max"}, or {}); a zero std or range is applied as 1;
-- ``counts``: train + val + test + quarantined + duplicates == input.
+- ``counts``: train + val + test + quarantined + duplicates == input;
+- with ``federated.partition_by`` (a federated job, ``partition: natural``), each split has a third
+  column ``group`` (string: the source column's value) and ``partition_column`` records
+  ``{"source": <column>, "column": "group", "distinct": {split: number of distinct values}}``;
+  rows with an empty value are quarantined, and rows that differ only in it are not duplicates.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 FEATURES_COL = "features"
 LABEL_COL = "label"
+# Present only when the job partitions by a source column (federated.partition_by): that column's
+# value per row, as a string. Not a feature; readers of [features, label] never see it.
+GROUP_COL = "group"
 
 
 @dataclass(frozen=True)

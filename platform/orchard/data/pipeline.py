@@ -16,22 +16,32 @@ from pyspark.sql import functions as F
 
 from orchard.config import DataSpec
 from orchard.data import categories, clean, normalize, readers, split
-from orchard.data.manifest import FEATURES_COL, LABEL_COL, SPLITS
+from orchard.data.manifest import FEATURES_COL, GROUP_COL, LABEL_COL, SPLITS
 from orchard.data.source import Source, task_of
-from orchard.data.write import QUARANTINE, SPARK_DIR, finish_quarantine, finish_split, split_schema
+from orchard.data.write import (
+    QUARANTINE,
+    SPARK_DIR,
+    distinct_groups,
+    finish_quarantine,
+    finish_split,
+    split_schema,
+)
 
 log = logging.getLogger("orchard.data")
 
 
 def run(
-    spark: SparkSession, source: Source, data: DataSpec, tmp: Path, *, shape, digest: str
+    spark: SparkSession, source: Source, data: DataSpec, tmp: Path, *, shape, digest: str, group: str | None = None
 ) -> dict[str, Any]:
-    """Write the splits (and quarantine) under ``tmp``; return the manifest."""
+    """Write the splits (and quarantine) under ``tmp``; return the manifest.
+
+    ``group`` names a source column carried into every split as ``group`` (see ``orchard.data.groups``).
+    """
     d = len(source.features)
     regression = task_of(source, data) == "regression"
     hold: list[DataFrame] = []
     try:
-        parsed = clean.parse(readers.read(spark, source, hold), source, regression)
+        parsed = clean.parse(readers.read(spark, source, hold, group), source, regression, group)
         tally = clean.tally_regression(parsed) if regression else clean.tally(parsed, source)
         log.info(
             "%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes)
@@ -44,7 +54,7 @@ def run(
         stats = normalize.fit(train, data.normalize, d)
         target = _target_stats(train) if regression else None
         vocab = categories.fit(train, source.categorical)
-        sizes = _write_splits(rows, data, stats, tmp, d, regression, categories.encode(vocab))
+        sizes = _write_splits(rows, data, stats, tmp, d, regression, categories.encode(vocab), group is not None)
         if tally.quarantined:
             _write_quarantine(parsed, tmp, tally.quarantined)
     finally:
@@ -65,7 +75,11 @@ def run(
         manifest["features"] = [*source.features, *source.categorical]
         manifest["feature_dim"] = d + len(vocab)
         manifest["categorical"] = categories.describe(vocab, d)
-        manifest["schema"] = {f.name: str(f.type) for f in split_schema(d + len(vocab), regression)}
+    if group is not None:
+        manifest["partition_column"] = {"source": group, "column": GROUP_COL,
+                                        "distinct": {s: distinct_groups(tmp / s) for s in SPLITS}}
+    schema = split_schema(manifest["feature_dim"], regression, group is not None)
+    manifest["schema"] = {f.name: str(f.type) for f in schema}
     return manifest
 
 
@@ -76,17 +90,19 @@ def _target_stats(train: DataFrame) -> dict[str, float]:
 
 
 def _write_splits(rows: DataFrame, data: DataSpec, stats: dict, tmp: Path, d: int, regression: bool,
-                  codes: list) -> dict[str, int]:
+                  codes: list, grouped: bool = False) -> dict[str, int]:
     # Category indices ride at the end of the float feature vector (exact below 2**24), so every
     # consumer keeps one tensor column; the model splits them off for its embeddings.
     features = F.array(*normalize.apply(data.normalize, stats, d), *codes).alias(FEATURES_COL)
     d += len(codes)
     staged = tmp / SPARK_DIR / "splits"
     # One Spark job for all three splits; the pyarrow pass then fixes types, order and file count.
-    rows.select(features, LABEL_COL, "split", "_order", "_rank").write.partitionBy("split").parquet(
+    carried = [GROUP_COL] if grouped else []
+    rows.select(features, LABEL_COL, *carried, "split", "_order", "_rank").write.partitionBy("split").parquet(
         str(staged)
     )
-    return {s: finish_split(staged / f"split={s}", tmp / s, d, data.files_per_split, regression) for s in SPLITS}
+    return {s: finish_split(staged / f"split={s}", tmp / s, d, data.files_per_split, regression, grouped)
+            for s in SPLITS}
 
 
 def _write_quarantine(parsed: DataFrame, tmp: Path, expected: int) -> None:
@@ -102,7 +118,6 @@ def _write_quarantine(parsed: DataFrame, tmp: Path, expected: int) -> None:
 
 def _manifest(spark, source: Source, data: DataSpec, tally, stats, counts, shape, digest) -> dict[str, Any]:
     task = task_of(source, data)
-    schema = split_schema(len(source.features), task == "regression")
     return {
         "version": 1,
         "source": source.describe(),
@@ -120,7 +135,6 @@ def _manifest(spark, source: Source, data: DataSpec, tally, stats, counts, shape
         "counts": counts,
         "splits": {s: s for s in SPLITS},
         "quarantine_path": QUARANTINE if counts["quarantined"] else None,
-        "schema": {f.name: str(f.type) for f in schema},
         "split": data.split.model_dump(mode="json"),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "spark_version": spark.version,

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from orchard.config import JobSpec
+from orchard.data.groups import keyed, partition_column, with_group
 from orchard.data.manifest import MANIFEST, PreparedData, load_manifest
-from orchard.data.source import content_hash, image_shape, resolve
+from orchard.data.source import Source, content_hash, image_shape, resolve
 
 log = logging.getLogger("orchard.data")
 
@@ -21,13 +22,11 @@ def prepare(spec: JobSpec, log_path: Path | None = None) -> PreparedData:
     """Prepare ``spec.data`` into ``<data.output>/<dataset>-<content_hash>/`` (see manifest.py).
 
     Raises ``orchard.config.SpecError`` (naming the file, column or key) before any compute for a
-    missing source, label or feature column, and after reading for fewer than two classes.
+    missing source, label, feature or partition column, and after reading for fewer than two classes.
     With ``log_path``, Spark's own output goes to that file instead of the terminal.
     """
     data = spec.data
-    source = resolve(data)
-    shape = image_shape(source, data)
-    digest = content_hash(source, data)
+    source, shape, digest, group = plan(spec)
     target = Path(data.output) / f"{source.slug}-{digest}"
     if (target / MANIFEST).is_file():
         log.info("reusing prepared data %s", target)
@@ -40,7 +39,7 @@ def prepare(spec: JobSpec, log_path: Path | None = None) -> PreparedData:
     started = time.perf_counter()
     log.info("preparing %s -> %s", source.describe(), target)
     with spark_for(data.spark, log_path) as spark, staging(target) as tmp:
-        manifest = pipeline.run(spark, source, data, tmp, shape=shape, digest=digest)
+        manifest = pipeline.run(spark, source, data, tmp, shape=shape, digest=digest, group=group)
         write_manifest(tmp, manifest)
         if not publish(tmp, target):
             log.info("an identical prep finished first; using %s", target)
@@ -52,3 +51,13 @@ def prepare(spec: JobSpec, log_path: Path | None = None) -> PreparedData:
             "%d of %d rows quarantined, see %s", counts["quarantined"], counts["input"], target / "quarantine"
         )
     return PreparedData(path=target, manifest=manifest, reused=False)
+
+
+def plan(spec: JobSpec) -> tuple[Source, list[int] | None, str, str | None]:
+    """(source, image shape, content hash, partition column), checked without Spark."""
+    data = spec.data
+    source = resolve(data)
+    group = partition_column(spec)
+    if group is not None:
+        source = with_group(source, data, group)
+    return source, image_shape(source, data), keyed(content_hash(source, data), group), group

@@ -6,6 +6,7 @@ Columns of the raw frame:
     _problem  why the row's structure is broken (wrong field count, bad quoting), else null
     _f0.._fN  the feature values as read (strings for CSV), in ``source.features`` order
     _y        the label as read
+    _g        the partition column as read (only when one is asked for: see ``orchard.data.groups``)
 
 Row numbers come from the file position of each record, not from Spark's partitioning, so they are
 the same on any number of cores.
@@ -21,15 +22,18 @@ from orchard.data.source import Source, load_sklearn
 
 # A quoted CSV field with "" as the escaped quote (RFC 4180); removed before counting separators.
 _QUOTED_FIELD = r'"(?:[^"]|"")*"'
+GROUP_RAW = "_g"
 
 
-def read(spark: SparkSession, source: Source, hold: list[DataFrame]) -> DataFrame:
+def read(spark: SparkSession, source: Source, hold: list[DataFrame], group: str | None = None) -> DataFrame:
     """The raw frame. Frames cached on the way are appended to ``hold``: unpersist them when done."""
     if source.kind == "sklearn":
+        if group is not None:  # refused earlier by groups.with_group; a bug if reached
+            raise RuntimeError(f"sklearn sources have no partition column {group!r}")
         return _read_sklearn(spark, source)
     if source.kind == "csv":
-        return _read_csv(spark, source, hold)
-    return _read_parquet(spark, source, hold)
+        return _read_csv(spark, source, hold, group)
+    return _read_parquet(spark, source, hold, group)
 
 
 def feature_col(i: int) -> str:
@@ -62,7 +66,7 @@ def _read_sklearn(spark: SparkSession, source: Source) -> DataFrame:
     )
 
 
-def _read_csv(spark: SparkSession, source: Source, hold: list[DataFrame]) -> DataFrame:
+def _read_csv(spark: SparkSession, source: Source, hold: list[DataFrame], group: str | None) -> DataFrame:
     lines = _numbered(spark.read.text(source.location), hold)
     # Line 0 is the header; blank lines carry no row (like Spark's own CSV reader) but keep numbering.
     lines = lines.filter((F.col("_line") > 0) & (F.trim("value") != ""))
@@ -78,6 +82,7 @@ def _read_csv(spark: SparkSession, source: Source, hold: list[DataFrame]) -> Dat
         *[parsed[f"_c{index[f]}"].alias(feature_col(i)) for i, f in enumerate(source.features)],
         *[parsed[f"_c{index[c]}"].alias(category_col(j)) for j, c in enumerate(source.categorical)],
         parsed[f"_c{index[source.label]}"].alias("_y"),
+        *([parsed[f"_c{index[group]}"].alias(GROUP_RAW)] if group else []),
     )
 
 
@@ -93,9 +98,9 @@ def _csv_problem(line: Column, width: int, corrupt: Column) -> Column:
     )
 
 
-def _read_parquet(spark: SparkSession, source: Source, hold: list[DataFrame]) -> DataFrame:
+def _read_parquet(spark: SparkSession, source: Source, hold: list[DataFrame], group: str | None) -> DataFrame:
     records = _numbered(spark.read.parquet(source.location), hold)
-    kept = [*source.features, *source.categorical, source.label]
+    kept = [*source.features, *source.categorical, source.label, *([group] if group else [])]
     return records.select(
         (F.col("_line") + 1).alias("_row"),
         F.to_json(F.struct(*[quoted(c) for c in kept])).alias("_raw"),
@@ -103,6 +108,7 @@ def _read_parquet(spark: SparkSession, source: Source, hold: list[DataFrame]) ->
         *[quoted(f).alias(feature_col(i)) for i, f in enumerate(source.features)],
         *[quoted(c).cast("string").alias(category_col(j)) for j, c in enumerate(source.categorical)],
         quoted(source.label).alias("_y"),
+        *([quoted(group).cast("string").alias(GROUP_RAW)] if group else []),
     )
 
 

@@ -13,6 +13,7 @@ from pyspark.sql import functions as F
 
 from orchard.config import SplitSpec
 from orchard.data.clean import value_col
+from orchard.data.manifest import GROUP_COL
 from orchard.data.readers import category_col
 
 
@@ -24,8 +25,10 @@ def assign(clean: DataFrame, split: SplitSpec, n_features: int, by_class: bool =
     ``_rank``) orders rows totally.
     """
     keys = [value_col(i) for i in range(n_features)] + [category_col(j) for j in range(n_categorical)]
-    content = [*(F.col(k) for k in keys), F.col("label")]
-    distinct = clean.dropDuplicates([*keys, "label"])
+    # The same record at two sites is two clients' data, not a duplicate: the partition column is content.
+    grouped = [GROUP_COL] if GROUP_COL in clean.columns else []
+    content = [*(F.col(k) for k in keys), F.col("label"), *(F.col(g) for g in grouped)]
+    distinct = clean.dropDuplicates([*keys, "label", *grouped])
     # A regression target has no classes to stratify by: its rows are one group.
     group = F.col("label") if split.stratify and by_class else F.lit(0)
     # The content after the hash breaks hash ties, so the order is total and never arrival order.

@@ -18,36 +18,42 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from orchard.data.manifest import FEATURES_COL, LABEL_COL, MANIFEST
+from orchard.data.manifest import FEATURES_COL, GROUP_COL, LABEL_COL, MANIFEST
 
 SPARK_DIR = "_spark"  # Spark's own output inside the staging folder; removed before publishing
 QUARANTINE = "quarantine"
 QUARANTINE_SCHEMA = pa.schema([("row", pa.int64()), ("reason", pa.string()), ("raw", pa.string())])
 
 
-def split_schema(feature_dim: int, regression: bool = False) -> pa.Schema:
+def split_schema(feature_dim: int, regression: bool = False, grouped: bool = False) -> pa.Schema:
     label = pa.float32() if regression else pa.int64()
-    return pa.schema([(FEATURES_COL, pa.list_(pa.float32(), feature_dim)), (LABEL_COL, label)])
+    extra = [(GROUP_COL, pa.string())] if grouped else []
+    return pa.schema([(FEATURES_COL, pa.list_(pa.float32(), feature_dim)), (LABEL_COL, label), *extra])
 
 
-def finish_split(staged: Path, out: Path, feature_dim: int, files: int, regression: bool = False) -> int:
+def finish_split(staged: Path, out: Path, feature_dim: int, files: int, regression: bool = False,
+                 grouped: bool = False) -> int:
     """Rewrite Spark's output for one split into ``files`` shuffled, fixed-width Parquet files."""
-    schema = split_schema(feature_dim, regression)
+    schema = split_schema(feature_dim, regression, grouped)
     if staged.is_dir():
         table = ds.dataset(str(staged), format="parquet").to_table()
         # The shuffle key is content-derived, so this order is the same however Spark partitioned.
         table = table.sort_by([("_order", "ascending"), (LABEL_COL, "ascending"), ("_rank", "ascending")])
-        table = pa.table(
-            [table[FEATURES_COL].cast(schema.field(FEATURES_COL).type),
-             table[LABEL_COL].cast(schema.field(LABEL_COL).type)], schema=schema
-        )
+        table = pa.table([table[f.name].cast(f.type) for f in schema], schema=schema)
     else:  # Spark writes no folder for a split without rows (e.g. val = 0)
         table = schema.empty_table()
     _write_parts(table, out, files)
     return table.num_rows
+
+
+def distinct_groups(folder: Path) -> int:
+    """How many distinct partition-column values a written split holds."""
+    column = ds.dataset(str(folder), format="parquet").to_table(columns=[GROUP_COL])[GROUP_COL]
+    return int(pc.count_distinct(column).as_py())
 
 
 def finish_quarantine(staged: Path, out: Path) -> int:

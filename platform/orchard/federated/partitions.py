@@ -1,18 +1,28 @@
 """Dividing the training split among clients, once, and reading one client's share.
 
 Partitions are computed on the driver from the train split's labels (deterministic by ``federated.seed``)
-and written as one Parquet file per client, in the prepared folder's two-column layout. A client opens
-only its own file, as a real SuperNode would hold only its own data. The folder name carries every knob
-that shapes the result, and the prepared folder is keyed by content hash, so a folder that exists is
-reused as is.
+and written as one Parquet file per client, in the prepared folder's two-column layout (plus the
+``group`` column for natural partitions). A client opens only its own file, as a real SuperNode would
+hold only its own data. The folder name carries every knob that shapes the result, and the prepared
+folder is keyed by content hash, so a folder that exists is reused as is.
+
+Schemes: ``iid`` and ``dirichlet`` (hand-written, see below), ``pathological`` (flwr-datasets'
+PathologicalPartitioner), ``shard`` (hand-written: McMahan et al.'s label-sorted shards) and ``natural``
+(flwr-datasets' NaturalIdPartitioner over the prepared ``group`` column). Every scheme puts every
+training row in exactly one client, and no client is left empty; a spec that cannot meet that is
+refused with a ``PartitionError`` naming the key. flwr-datasets is imported only when used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchard.config import FederatedSpec
-from orchard.data.manifest import FEATURES_COL, LABEL_COL, PreparedData
+from orchard.data.manifest import FEATURES_COL, GROUP_COL, LABEL_COL, PreparedData
 
 PARTITIONS_DIR = "partitions"
 META_FILE = "partitions.json"
 # Bumped whenever the algorithm changes, so folders written by an older version are not reused.
+# (Schemes computed by flwr-datasets also record its version: an upgrade may change their output.)
 ALGORITHM_VERSION = 1
 MIN_PARTITION_SIZE = 10
 MAX_DIRICHLET_TRIES = 100
@@ -40,6 +51,7 @@ class PartitionSet:
     folder: Path
     counts: list[int]
     label_counts: list[list[int]]  # [client][class]: shows the label skew a Dirichlet split produced
+    ids: list[str] | None = None  # natural: the partition_by value each client holds (client i = ids[i])
 
     def client_file(self, client: int) -> Path:
         return client_file(self.folder, client)
@@ -50,8 +62,15 @@ def client_file(folder: Path, client: int) -> Path:
 
 
 def partition_name(fed: FederatedSpec) -> str:
-    alpha = f"-a{fed.alpha:g}" if fed.partition == "dirichlet" else ""
-    return f"{fed.partition}{alpha}-n{fed.clients}-s{fed.seed}"
+    if fed.partition == "natural":  # no randomness: the seed does not shape it
+        return f"natural-{_slug(fed.partition_by or '')}-n{fed.clients}"
+    knob = {"dirichlet": f"-a{fed.alpha:g}", "pathological": f"-k{fed.classes_per_client}",
+            "shard": f"-h{fed.shards_per_client}"}.get(fed.partition, "")
+    return f"{fed.partition}{knob}-n{fed.clients}-s{fed.seed}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "column"
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -85,7 +104,22 @@ def read_split(prepared: PreparedData, split: str) -> tuple[np.ndarray, np.ndarr
     return read_xy(split_files(prepared, split), int(m["feature_dim"]), label_dtype(m))
 
 
+def read_groups(prepared: PreparedData, split: str, partition_by: str) -> np.ndarray:
+    """The ``group`` column (each row's ``partition_by`` value), in ``read_split``'s row order."""
+    carried = (prepared.manifest.get("partition_column") or {}).get("source")
+    if carried != partition_by:
+        has = f"carries {carried!r}" if carried else "has no partition column"
+        raise PartitionError(
+            f"federated.partition_by={partition_by!r}: the prepared data at {prepared.path} {has}; prepare it "
+            "from a federated spec with partition: natural and this partition_by")
+    tables = [pq.read_table(f, columns=[GROUP_COL]) for f in split_files(prepared, split)]
+    return np.array(pa.concat_tables(tables).column(GROUP_COL).to_pylist(), dtype=object)
+
+
 # -- dividing ----------------------------------------------------------------------------------------
+# iid and dirichlet stay hand-written: flwr-datasets' IidPartitioner cuts contiguous blocks without a
+# seed (federated.seed would mean nothing), and both are tested, deterministic and already on disk in
+# users' prepared folders; swapping them in would redraw every existing partition for no gain.
 
 def iid_indices(num_rows: int, clients: int, seed: int) -> list[np.ndarray]:
     order = np.random.default_rng(seed).permutation(num_rows)
@@ -119,27 +153,156 @@ def dirichlet_indices(labels: np.ndarray, clients: int, alpha: float, seed: int,
         f"{clients} clients at least {min_size} rows; raise federated.alpha or lower federated.clients")
 
 
-def partition_indices(labels: np.ndarray, fed: FederatedSpec) -> list[np.ndarray]:
+def shard_indices(labels: np.ndarray, clients: int, per_client: int, seed: int) -> list[np.ndarray]:
+    """Sort by label, cut into ``clients * per_client`` shards, deal each client ``per_client`` at random.
+
+    Hand-written rather than flwr-datasets' ShardPartitioner, which cuts equal shards of
+    floor(rows / shards) and drops the remainder (up to shards - 1 training rows lost): here shard
+    sizes differ by at most one row and every row lands in exactly one client.
+    """
+    shards = clients * per_client
+    if shards > len(labels):
+        raise PartitionError(
+            f"federated.shards_per_client={per_client}: {clients} clients x {per_client} shards = {shards} "
+            f"shards, but the training split has only {len(labels)} rows; lower either")
+    rng = np.random.default_rng(seed)
+    # Ties within a label in a seeded order, so a shard is a random sample of its class, not a prefix.
+    order = np.lexsort((rng.permutation(len(labels)), labels))
+    pieces = np.array_split(order, shards)
+    dealt = rng.permutation(shards).reshape(clients, per_client)
+    return [np.sort(np.concatenate([pieces[s] for s in row])) for row in dealt]
+
+
+def _flwr_indices(partitioner, columns: dict[str, np.ndarray], clients: int) -> list[np.ndarray]:
+    """Row indices of each of ``clients`` partitions of an in-memory table (no download, no cache files)."""
+    from datasets import Dataset
+
+    n = len(next(iter(columns.values())))
+    partitioner.dataset = Dataset.from_dict({"_idx": np.arange(n), **columns})
+    # NaturalIdPartitioner draws a tqdm bar on stderr; a partition is one quick step, not a progress story.
+    with contextlib.redirect_stderr(io.StringIO()):
+        return [np.sort(np.asarray(partitioner.load_partition(i)["_idx"], dtype=np.int64)) for i in range(clients)]
+
+
+def pathological_indices(labels: np.ndarray, clients: int, k: int, seed: int) -> list[np.ndarray]:
+    """``k`` classes per client, each class's rows split evenly among the clients holding it."""
+    classes = np.unique(labels)
+    if k > len(classes):
+        raise PartitionError(
+            f"federated.classes_per_client={k} exceeds the {len(classes)} classes of the training split")
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
+    # first-deterministic (the paper's): client i surely holds class i % C, so with clients >= classes
+    # every class, hence every row, goes to some client.
+    partitioner = PathologicalPartitioner(num_partitions=clients, partition_by=LABEL_COL, num_classes_per_partition=k,
+                                          class_assignment_mode="first-deterministic", shuffle=False, seed=seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # unused classes: refused below, in our words
+            parts = _flwr_indices(partitioner, {LABEL_COL: labels}, clients)
+    except ValueError as exc:  # a class held by more clients than it has rows
+        raise PartitionError(f"federated.classes_per_client={k} with federated.clients={clients}: {exc}") from None
+    held = np.zeros(len(labels), bool)
+    for rows in parts:
+        held[rows] = True
+    if not held.all():
+        lost = sorted(int(c) for c in np.unique(labels[~held]))
+        raise PartitionError(
+            f"federated.classes_per_client={k} with federated.clients={clients}: classes {lost} went to no "
+            f"client, so {int((~held).sum())} training rows would be lost; use federated.clients >= "
+            f"{len(classes)}, or more classes_per_client (or another federated.seed)")
+    return parts
+
+
+def natural_indices(groups: np.ndarray, clients: int, column: str) -> tuple[list[np.ndarray], list[str]]:
+    """One client per distinct ``partition_by`` value (sorted: client i holds the i-th id)."""
+    ids = sorted(set(groups.tolist()))
+    if len(ids) != clients:
+        # One SuperNode per site/user is the point of a natural partition: no merging or splitting ids.
+        shown = ", ".join(map(repr, ids[:10])) + (", …" if len(ids) > 10 else "")
+        raise PartitionError(
+            f"federated.clients={clients}, but federated.partition_by column {column!r} has {len(ids)} "
+            f"distinct values in the training split ({shown}); set federated.clients: {len(ids)}")
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    partitioner = NaturalIdPartitioner(partition_by=GROUP_COL)
+    parts = _flwr_indices(partitioner, {GROUP_COL: groups}, clients)
+    return parts, [str(partitioner.partition_id_to_natural_id[i]) for i in range(clients)]
+
+
+def _classes_only(labels: np.ndarray, scheme: str) -> None:
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise PartitionError(f"federated.partition={scheme} skews class labels; a regression target has none "
+                             "(use partition: iid)")
+
+
+def partition_indices(labels: np.ndarray, fed: FederatedSpec, groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """Each client's row indices into the training split (``groups``: the natural ids, for natural)."""
+    return _divide(labels, fed, groups)[0]
+
+
+def _divide(labels: np.ndarray, fed: FederatedSpec,
+            groups: np.ndarray | None) -> tuple[list[np.ndarray], list[str] | None]:
     if fed.clients > len(labels):
         raise PartitionError(f"federated.clients={fed.clients} exceeds the {len(labels)} training rows")
+    ids = None
     if fed.partition == "iid":
-        return iid_indices(len(labels), fed.clients, fed.seed)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise PartitionError("federated.partition=dirichlet skews class labels; a regression target has none "
-                             "(use partition: iid)")
-    return dirichlet_indices(labels, fed.clients, fed.alpha, fed.seed)
+        parts = iid_indices(len(labels), fed.clients, fed.seed)
+    elif fed.partition == "shard":
+        parts = shard_indices(labels, fed.clients, fed.shards_per_client, fed.seed)
+    elif fed.partition == "natural":
+        if groups is None:
+            raise PartitionError("federated.partition=natural needs each row's federated.partition_by value")
+        parts, ids = natural_indices(groups, fed.clients, fed.partition_by or GROUP_COL)
+    else:
+        _classes_only(labels, fed.partition)
+        if fed.partition == "dirichlet":
+            parts = dirichlet_indices(labels, fed.clients, fed.alpha, fed.seed)
+        else:
+            parts = pathological_indices(labels, fed.clients, fed.classes_per_client, fed.seed)
+    _check_cover(parts, len(labels), fed)
+    return parts, ids
+
+
+def _check_cover(parts: list[np.ndarray], num_rows: int, fed: FederatedSpec) -> None:
+    """Every row in exactly one client and no client empty: what every scheme promises."""
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise PartitionError(f"federated.partition={fed.partition}: client(s) {empty[:10]} would get no rows; "
+                             "lower federated.clients")
+    seen = np.bincount(np.concatenate(parts), minlength=num_rows)
+    if len(parts) != fed.clients or len(seen) != num_rows or not (seen == 1).all():
+        raise RuntimeError(f"partition {fed.partition} is not an exact cover of the {num_rows} training rows")  # a bug
 
 
 # -- writing -----------------------------------------------------------------------------------------
 
-def _table(x: np.ndarray, y: np.ndarray) -> pa.Table:
+def _table(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> pa.Table:
     features = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])
-    return pa.table({FEATURES_COL: features, LABEL_COL: pa.array(y, pa.int64())})
+    # Labels keep the split's type: int64 class indices, or a float32 regression target.
+    columns = {FEATURES_COL: features, LABEL_COL: pa.array(y)}
+    if groups is not None:
+        columns[GROUP_COL] = pa.array(groups.tolist(), pa.string())
+    return pa.table(columns)
 
 
 def _params(fed: FederatedSpec) -> dict:
-    return {"version": ALGORITHM_VERSION, "scheme": fed.partition, "alpha": fed.alpha, "clients": fed.clients,
-            "seed": fed.seed, "min_partition_size": MIN_PARTITION_SIZE}
+    params = {"version": ALGORITHM_VERSION, "scheme": fed.partition, "clients": fed.clients}
+    extra = {
+        "iid": {"seed": fed.seed},
+        "dirichlet": {"seed": fed.seed, "alpha": fed.alpha, "min_partition_size": MIN_PARTITION_SIZE},
+        "shard": {"seed": fed.seed, "shards_per_client": fed.shards_per_client},
+        "pathological": {"seed": fed.seed, "classes_per_client": fed.classes_per_client,
+                         "assignment": "first-deterministic", "library": _flwr_datasets_version()},
+        "natural": {"partition_by": fed.partition_by, "library": _flwr_datasets_version()},
+    }[fed.partition]
+    return {**params, **extra}
+
+
+def _flwr_datasets_version() -> str:
+    from importlib.metadata import version  # the installed version, without importing datasets
+
+    return f"flwr-datasets {version('flwr-datasets')}"
 
 
 def _existing(folder: Path, fed: FederatedSpec) -> PartitionSet | None:
@@ -151,7 +314,7 @@ def _existing(folder: Path, fed: FederatedSpec) -> PartitionSet | None:
         return None
     if not all(client_file(folder, i).is_file() for i in range(fed.clients)):
         return None
-    return PartitionSet(folder, [int(c) for c in meta["counts"]], meta["label_counts"])
+    return PartitionSet(folder, [int(c) for c in meta["counts"]], meta["label_counts"], meta.get("ids"))
 
 
 def _label_counts(y: np.ndarray, parts: list[np.ndarray], num_classes: int) -> list[list[int]]:
@@ -178,17 +341,33 @@ def write_partitions(prepared: PreparedData, fed: FederatedSpec) -> PartitionSet
     if found is not None:
         return found
     x, y = read_split(prepared, "train")
-    parts = partition_indices(y, fed)
+    groups = read_groups(prepared, "train", fed.partition_by) if fed.partition == "natural" else None
+    parts, ids = _divide(y, fed, groups)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed into place, so a reader never sees half a partition set.
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         for i, rows in enumerate(parts):
-            pq.write_table(_table(x[rows], y[rows]), client_file(tmp, i))
+            pq.write_table(_table(x[rows], y[rows], None if groups is None else groups[rows]), client_file(tmp, i))
         counts = [int(len(rows)) for rows in parts]
         labels = _label_counts(y, parts, int(prepared.manifest.get("num_classes") or 0))
-        (tmp / META_FILE).write_text(json.dumps({**_params(fed), "counts": counts, "label_counts": labels}))
+        meta = {**_params(fed), "counts": counts, "label_counts": labels, "ids": ids}
+        (tmp / META_FILE).write_text(json.dumps(meta))
         _publish(tmp, folder, fed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return PartitionSet(folder, counts, labels)
+    return PartitionSet(folder, counts, labels, ids)
+
+
+def partition_table(partitions: PartitionSet, classes: list | None = None) -> dict[str, list]:
+    """Columns ``client``, ``rows``, (natural) ``id``, then ``class <c>`` per class: for ``log_table``."""
+    n = len(partitions.counts)
+    table: dict[str, list] = {"client": list(range(n)), "rows": list(partitions.counts)}
+    if partitions.ids is not None:
+        table["id"] = list(partitions.ids)
+    if partitions.label_counts:
+        width = len(partitions.label_counts[0])
+        names = list(classes) if classes is not None and len(classes) == width else list(range(width))
+        for j, name in enumerate(names):
+            table[f"class {name}"] = [int(row[j]) for row in partitions.label_counts]
+    return table

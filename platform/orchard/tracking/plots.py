@@ -1,4 +1,4 @@
-"""Figures people would rather look at than read: learning curves and confusion matrices."""
+"""Figures people would rather look at than read: learning curves, confusion matrices, client partitions."""
 
 from __future__ import annotations
 
@@ -48,6 +48,43 @@ def confusion_matrix(cm: np.ndarray, classes: Sequence[Any], title: str = "Confu
             ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
                     color="white" if cm[i, j] > threshold else "black")
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def partition_figure(label_counts: Sequence[Sequence[int]], classes: Sequence[Any],
+                     counts: Sequence[int] | None = None, title: str = "Training rows per client"):
+    """One stacked bar per client, one colour per class; plain bars of ``counts`` when there are no classes.
+
+    Stays readable at 100+ clients: the figure widens up to a cap, and only every k-th
+    client is labelled; the legend sits outside the axes so it never hides a bar.
+    """
+    lc = np.asarray(label_counts, dtype=np.int64)
+    n = len(lc) if lc.size else len(counts or [])
+    fig, ax = plt.subplots(figsize=(min(24.0, max(6.0, 0.18 * n + 2.5)), 4.5))
+    xs = np.arange(n)
+    # A gap between bars keeps neighbours of one colour apart; past a few hundred it would eat the bars.
+    width = 0.8 if n <= 300 else 1.0
+    if lc.size:
+        colours = plt.get_cmap("tab10" if lc.shape[1] <= 10 else "tab20" if lc.shape[1] <= 20 else "viridis")
+        bottom = np.zeros(n)
+        for j in range(lc.shape[1]):
+            colour = colours(j) if lc.shape[1] <= 20 else colours(j / max(1, lc.shape[1] - 1))
+            name = str(classes[j]) if j < len(classes) else str(j)
+            ax.bar(xs, lc[:, j], width, bottom=bottom, color=colour, label=name, linewidth=0)
+            bottom += lc[:, j]
+        if lc.shape[1] <= 30:  # beyond that a legend is a wall of text; the colour ramp still shows skew
+            ax.legend(title="class", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8,
+                      ncol=1 if lc.shape[1] <= 15 else 2)
+    else:
+        ax.bar(xs, np.asarray(counts or [], dtype=np.int64), width, color="tab:blue", linewidth=0)
+    step = max(1, int(np.ceil(n / 25)))
+    ax.set_xticks(xs[::step], [str(i) for i in xs[::step]], fontsize=8)
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_xlabel("client")
+    ax.set_ylabel("rows")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
 
