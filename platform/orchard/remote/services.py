@@ -41,24 +41,47 @@ def ray_worker(head_address: str, num_cpus: int | None = None, node_ip: str | No
     return cmd
 
 
-def superlink(certs_dir: str, fleet_address: str = "127.0.0.1:9092", control_address: str = "127.0.0.1:9093",
-              auth: bool = True, database: str = ":flwr-in-memory-state:") -> list[str]:
-    """Flower SuperLink over TLS; with ``auth`` only registered SuperNode keys may connect."""
+def superlink(certs_dir: str, address: str = "127.0.0.1:9093", *, auth: bool = True, database: str | None = None,
+              install_dependencies: bool = False, log_file: str | None = None) -> list[str]:
+    """Flower 1.42 SuperLink over TLS; with ``auth`` only SuperNode keys registered through the Control API connect.
+
+    Since 1.42 one HTTP(S) port at ``address`` serves the Fleet API (SuperNodes), the Control API
+    (``flwr run``, ``flwr supernode register``) and the Runtime API (its own ServerApp processes); the old
+    ``--fleet-api-address``/``--control-api-address`` are deprecated. The certificate must name every host
+    clients dial, 127.0.0.1 included (the SuperLink's ServerApp runner dials it). ``install_dependencies``
+    off: the image already holds the app's dependencies, and ``uv sync`` would need the network.
+    """
+    host, _, port = address.rpartition(":")
     cmd = ["flower-superlink", "--ssl-ca-certfile", f"{certs_dir}/ca.crt",
            "--ssl-certfile", f"{certs_dir}/server.pem", "--ssl-keyfile", f"{certs_dir}/server.key",
-           "--fleet-api-address", fleet_address, "--control-api-address", control_address,
-           "--database", database]
+           "--host", host, "--port", port]
+    if database:
+        cmd += ["--database", database]  # default: in memory, so runs and registrations end with the process
     if auth:
         cmd.append("--enable-supernode-auth")
+    if not install_dependencies:
+        cmd.append("--disable-runtime-dependency-installation")
+    if log_file:
+        cmd += ["--log-file", log_file]
     return cmd
 
 
 def supernode(superlink_address: str, certs_dir: str, keys_dir: str, partition_id: int, num_partitions: int,
-              port: int = 9094) -> list[str]:
-    """A Flower SuperNode over TLS, authenticated by its key pair, reading its own partition."""
-    return ["flower-supernode", "--superlink", superlink_address,
-            "--root-certificates", f"{certs_dir}/ca.crt",
-            "--auth-supernode-private-key", f"{keys_dir}/client_{partition_id}",
-            "--auth-supernode-public-key", f"{keys_dir}/client_{partition_id}.pub",
-            "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}",
-            "--port", str(port)]
+              *, port: int = 9094, data_dir: str | None = None, max_wait_time: float | None = None) -> list[str]:
+    """A Flower SuperNode over TLS, authenticated by ``keys_dir/client_<partition_id>``, reading its own data.
+
+    1.42 derives the public key from the private one (``--auth-supernode-public-key`` is deprecated). ``port``
+    is this SuperNode's local Runtime API for its ClientApp processes (one per SuperNode on a shared host).
+    ``data_dir`` becomes node config ``data-dir``: the folder with this node's ``manifest.json`` and
+    ``client-<partition_id>.parquet`` (``python -m orchard.federated.app export-nodes`` writes them).
+    """
+    node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
+    if data_dir:
+        node_config += f' data-dir="{data_dir}"'
+    cmd = ["flower-supernode", "--superlink", superlink_address,
+           "--root-certificates", f"{certs_dir}/ca.crt",
+           "--auth-supernode-private-key", f"{keys_dir}/client_{partition_id}",
+           "--node-config", node_config, "--port", str(port)]
+    if max_wait_time is not None:
+        cmd += ["--max-wait-time", f"{max_wait_time:g}"]
+    return cmd

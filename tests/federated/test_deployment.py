@@ -1,0 +1,212 @@
+"""A real Flower deployment on loopback: a TLS SuperLink with SuperNode auth, registered SuperNodes, `flwr run`.
+
+Every process is started from the argv that ``orchard.remote.services`` builds (what docker-compose runs),
+with certificates and keys from ``orchard.federated.certs``; each SuperNode sees only its own folder
+(manifest + its partition), as a site would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from orchard.config import load_spec
+from orchard.data.manifest import load_manifest
+from orchard.remote import services
+from tests.conftest import write_digits
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CONNECTION = "orchard-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """Started in their own sessions; stopping takes the whole tree (Flower spawns detached SuperExecs)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.procs = root, []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+        log = self.root / f"{name}.log"
+        proc = subprocess.Popen(argv, cwd=self.root, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc, log
+
+    def _superexecs(self) -> list[psutil.Process]:
+        """SuperExecs that Flower detached (own session) for our processes: they name their parent's pid."""
+        ours, found = {str(p.pid) for p in self.procs}, []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if "--parent-pid" in cmd[:-1] and cmd[cmd.index("--parent-pid") + 1] in ours:
+                try:
+                    found += [p, *p.children(recursive=True)]  # with the App processes they launched
+                except psutil.NoSuchProcess:
+                    pass
+        return found
+
+    def stop_all(self) -> None:
+        tree = self._superexecs()
+        for proc in self.procs:
+            try:  # collected before any kill: once a parent dies its children are re-parented to init
+                tree += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+
+def wait_for(predicate, what: str, log: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.3)
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+def flwr(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    from orchard.federated.app import export_node_data
+    from orchard.federated.certs import make_all
+
+    secrets = make_all(tmp_path / "secrets", clients=3)  # client_2 is never registered
+    prepared = load_manifest(write_digits(tmp_path / "data"))
+    spec_path = tmp_path / "fed.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "fed-deploy", "kind": "federated", "model": {"family": "mlp", "hidden": [64]},
+        "train": {"batch_size": 32, "lr": 3e-3},
+        "federated": {"clients": 2, "rounds": 2, "partition": "iid", "local_epochs": 2}}))
+    nodes = export_node_data(prepared, load_spec(spec_path), tmp_path / "nodes")
+
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_HOME": str(tmp_path / "home-superlink")}
+    cli_home = tmp_path / "home-cli"
+    cli_home.mkdir()
+    (cli_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{secrets / "certs" / "ca.crt"}"\n')
+    procs = Processes(tmp_path)
+    try:
+        link, link_log = procs.start("superlink", services.superlink(str(secrets / "certs"), f"127.0.0.1:{port}"), env)
+        wait_for(lambda: listening(port) or link.poll() is not None, "SuperLink port", link_log)
+        assert link.poll() is None, link_log.read_text()[-3000:]
+        yield {"tmp": tmp_path, "secrets": secrets, "port": port, "env": env, "procs": procs, "nodes": nodes,
+               "prepared": prepared, "spec": spec_path, "cli_env": {**env, "FLWR_HOME": str(cli_home)},
+               "link_log": link_log}
+    finally:
+        procs.stop_all()
+
+
+def start_supernode(d: dict, i: int, key_index: int | None = None) -> tuple[subprocess.Popen, Path]:
+    argv = services.supernode(f"127.0.0.1:{d['port']}", str(d["secrets"] / "certs"), str(d["secrets"] / "keys"),
+                              partition_id=i, num_partitions=len(d["nodes"]), port=free_port(),
+                              data_dir=str(d["nodes"][i]))
+    if key_index is not None:  # the same node, presenting another key
+        argv[argv.index("--auth-supernode-private-key") + 1] = str(d["secrets"] / "keys" / f"client_{key_index}")
+    return d["procs"].start(f"supernode-{i}-key{key_index if key_index is not None else i}", argv,
+                            {**d["env"], "FLWR_HOME": str(d["tmp"] / f"home-node-{i}-{key_index}")})
+
+
+def online_nodes(d: dict) -> list[dict]:
+    out = flwr("supernode", "list", CONNECTION, "--format", "json", env=d["cli_env"], timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return [n for n in json.loads(out.stdout)["nodes"] if n.get("status") == "online"]
+
+
+@pytest.mark.slow
+def test_registered_supernodes_run_a_federation_over_tls_and_an_unknown_key_is_refused(deployment):
+    d = deployment
+    for i in range(2):
+        reg = flwr("supernode", "register", str(d["secrets"] / "keys" / f"client_{i}.pub"), CONNECTION,
+                   env=d["cli_env"], timeout=60)
+        assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
+
+    stranger, stranger_log = start_supernode(d, 0, key_index=2)  # a valid key that nobody registered
+    nodes = [start_supernode(d, i) for i in range(2)]
+    wait_for(lambda: len(online_nodes(d)) == 2, "2 online SuperNodes", d["link_log"], timeout_s=60)
+
+    run = flwr("run", ".", CONNECTION, "--stream", "-c",
+               f'spec="{d["spec"]}" data-dir="{d["prepared"].path}" write-partitions=false connect-timeout-s=60.0',
+               env=d["cli_env"], timeout=240)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-4000:]
+    rounds = [int(r) for r in re.findall(r"orchard round (\d+): ", out)]
+    assert rounds == [1, 2], out[-4000:]
+    accuracy = float(re.search(r"orchard federation finished: 2 round\(s\), final accuracy ([\d.]+)", out).group(1))
+    # Observed 0.93-0.95 (2 IID clients, 2 rounds x 2 local epochs on digits); far above chance (0.1).
+    print(f"deployment: final accuracy {accuracy:.4f}")
+    assert accuracy >= 0.8, out[-4000:]
+    for proc, log in nodes:
+        assert proc.poll() is None, log.read_text()[-3000:]
+
+    # The stranger never joined: still 2 nodes; the SuperLink refused its key and it gave up with an exit code.
+    assert len(online_nodes(d)) == 2
+    wait_for(lambda: stranger.poll() is not None, "exit of the unregistered SuperNode", stranger_log, timeout_s=30)
+    assert stranger.returncode != 0
+    assert re.search(r"Exit Code: 305\s.*\s.*Failed to activate SuperNode", stranger_log.read_text()), \
+        stranger_log.read_text()[-3000:]  # 305: Flower's "could not connect/activate" exit
+    assert "No SuperNode found with the given public key" in d["link_log"].read_text()
+
+
+def test_certs_are_in_the_formats_flower_reads_and_a_rerun_keeps_them(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from orchard.federated.certs import make_all
+
+    out = make_all(tmp_path / "s", clients=1)
+    ca = x509.load_pem_x509_certificate((out / "certs" / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "certs" / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "127.0.0.1" in {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    # flower-supernode reads the private key, `flwr supernode register` the public one, both as OpenSSH EC.
+    private = load_ssh_private_key((out / "keys" / "client_0").read_bytes(), None)
+    public = load_ssh_public_key((out / "keys" / "client_0.pub").read_bytes())
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.public_key() == public
+
+    before = {p.name: p.read_bytes() for p in (out / "certs").iterdir()} | {"k0": (out / "keys" / "client_0").read_bytes()}
+    make_all(out, clients=2)  # a restart that wants one more SuperNode
+    after = {p.name: p.read_bytes() for p in (out / "certs").iterdir()} | {"k0": (out / "keys" / "client_0").read_bytes()}
+    assert after == before and (out / "keys" / "client_1.pub").is_file()
