@@ -110,3 +110,22 @@ def test_early_stopping_on_an_unreported_metric_names_it():
     stopper = EarlyStopper(EarlyStoppingSpec(metric="val/auc"))
     with pytest.raises(KeyError, match="val/auc"):
         stopper.update({"val/loss": 1.0}, 1)
+
+
+def test_fedprox_term_adds_mu_times_the_distance_to_the_global_weights_to_the_gradient():
+    # One plain SGD step (lr=1) from the same weights, with and without the proximal term: the two
+    # results differ by exactly lr * grad(mu/2 * ||w - w0||^2) = mu * (w - w0).
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    start = torch.nn.Linear(4, 3)
+    anchor = [p.detach() + torch.randn_like(p) for p in start.parameters()]  # w0 != w
+    mu = 0.5
+    stepped = []
+    for m in (0.0, mu):
+        model = torch.nn.Linear(4, 3)
+        model.load_state_dict(start.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        train_epoch(model, [(x, y)], opt, torch.device("cpu"), proximal_mu=m, global_params=anchor)
+        stepped.append([p.detach().clone() for p in model.parameters()])
+    for plain, prox, w, w0 in zip(*stepped, start.parameters(), anchor, strict=True):
+        assert torch.allclose(plain - prox, mu * (w.detach() - w0), atol=1e-5)

@@ -10,17 +10,17 @@ import functools
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from orchard.config import JobSpec
 from orchard.engine import LoopOptions, build_optimizer, make_task, seed_everything, train_epoch
+from orchard.federated.attacks import act_out, fault_for, flip_labels, malicious_clients, poison
 from orchard.federated.partitions import client_file, label_dtype, read_xy
+from orchard.federated.strategies import ARRAYS_KEY, CLIENT_KEY, METRICS_KEY
 from orchard.models import model_from_manifest
 
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 
 
@@ -44,10 +44,19 @@ def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> Dat
 
 
 def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, context: Context) -> Message:
-    """Load the global arrays, run ``local-epochs`` of the shared loop, reply with arrays and metrics."""
+    """Load the global arrays, run ``local-epochs`` of the shared loop, reply with arrays and metrics.
+
+    Simulated faults and attacks (``federated.faults``/``attack``) happen here, as they would on a real
+    device: the server sees only what arrives.
+    """
     client = int(context.node_config["partition-id"])
     config = msg.content[CONFIG_KEY]
     server_round = int(config.get("server-round", 0))
+    fault = fault_for(spec, client, server_round)
+    if fault == "dropout":
+        return Message(Error(code=0, reason=f"client {client} dropped out (federated.faults.dropout)"), reply_to=msg)
+    if fault is not None:
+        act_out(fault, spec, client, server_round)
     # Distinct but reproducible per client and round: equal seeds would give every client the same
     # dropout masks and batch order.
     seed = spec.train.seed + 100_003 * server_round + client
@@ -55,23 +64,46 @@ def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, c
     torch.set_num_threads(max(1, int(spec.federated.client_cpus)))
 
     x, y = _partition(client_file(partitions, client), manifest)
-    device = torch.device("cpu")
+    malicious = client in malicious_clients(spec)
     task = make_task(manifest, spec.train, manifest.get("class_counts"))
-    model = model_from_manifest(spec.model, manifest, spec.data.sequence_shape, spec.train.loss)
-    model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
-    optimizer = build_optimizer(model, spec.train.model_copy(update={"lr": float(config["lr"])}), device)
-    # No optimizer given, so no LR schedule: a schedule over a few local steps would restart every round.
-    opts = LoopOptions.from_spec(spec.train, device)
-    loader = _loader(x, y, spec.train.batch_size, seed)
-    losses = [train_epoch(model, loader, optimizer, device, task, opts).loss
-              for _ in range(int(config["local-epochs"]))]
+    if malicious and spec.federated.attack.kind == "label_flip":
+        y = flip_labels(y, task.num_classes)
+    model, global_sd = _global_model(spec, manifest, msg)
+    losses = _fit(spec, model, (x, y), config, task, seed)
+    state = model.state_dict()
+    if malicious and spec.federated.attack.kind in ("sign_flip", "scale", "gaussian"):
+        state = poison(spec, global_sd, state, seed)
     metrics = MetricRecord({"train_loss": sum(losses) / len(losses), "num-examples": int(len(y))})
-    content = RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
+    content = RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: metrics,
+                          CLIENT_KEY: ConfigRecord({"client-id": client})})
     return Message(content=content, reply_to=msg)
 
 
+def _global_model(spec: JobSpec, manifest: dict, msg: Message) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    model = model_from_manifest(spec.model, manifest, spec.data.sequence_shape, spec.train.loss)
+    global_sd = msg.content[ARRAYS_KEY].to_torch_state_dict()
+    model.load_state_dict(global_sd)
+    return model, global_sd
+
+
+def _fit(spec: JobSpec, model: torch.nn.Module, xy: tuple[torch.Tensor, torch.Tensor], config, task,
+         seed: int) -> list[float]:
+    device = torch.device("cpu")
+    optimizer = build_optimizer(model, spec.train.model_copy(update={"lr": float(config["lr"])}), device)
+    # No optimizer given, so no LR schedule: a schedule over a few local steps would restart every round.
+    opts = LoopOptions.from_spec(spec.train, device)
+    # FedProx sends proximal-mu; the term pulls local weights towards this round's global ones.
+    mu = float(config.get("proximal-mu", 0.0))
+    anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+    loader = _loader(*xy, spec.train.batch_size, seed)
+    return [train_epoch(model, loader, optimizer, device, task, opts, proximal_mu=mu, global_params=anchor).loss
+            for _ in range(int(config["local-epochs"]))]
+
+
 def make_client_app(spec: JobSpec, manifest: dict, partitions: Path) -> ClientApp:
-    app = ClientApp()
+    from orchard.federated.privacy import client_mods
+
+    app = ClientApp(mods=client_mods(spec))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

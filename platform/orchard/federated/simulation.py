@@ -28,18 +28,19 @@ from orchard.data.manifest import PreparedData
 from orchard.engine import EpochResult
 from orchard.federated.partitions import PartitionSet, read_split, write_partitions
 
-ROUND_TIMEOUT_S = 600.0
-CONNECT_TIMEOUT_S = 120.0
+CHECKPOINT_ROOT = Path(".orchard/federated")  # + MLflow run id: `orchard run --resume` finds it again
+CLIENTS_TABLE = "federated/clients.json"
 ENGINE_LOGGERS = ("flwr", "ray")
 
 
 @dataclass
 class FederatedResult:
     model: nn.Module  # the final global model, on CPU
-    history: list[dict[str, Any]]  # one row per round: round, fed/accuracy, fed/loss, fed/client_train_loss, fed/clients
+    history: list[dict[str, Any]]  # one row per round: round, fed/accuracy, fed/loss, fed/clients, fed/failed, ...
     test: EpochResult  # the final global model on the test split, with .confusion
     partition_counts: list[int]  # training rows held by each client
     partitions: PartitionSet | None = None
+    clients: list[dict[str, Any]] | None = None  # one row per sampled client and round (status, loss, reason)
 
 
 def _file_handler(log_path: Path) -> logging.Handler:
@@ -101,13 +102,16 @@ def start_ray(client_cpus: float) -> bool:
     return started
 
 
-def _round_logger(job, progress_file: Path | None) -> Callable[[dict[str, Any]], None]:
+def _round_logger(job, progress_file: Path | None, hook: Callable[[dict[str, Any]], None] | None = None
+                  ) -> Callable[[dict[str, Any]], None]:
     def on_round(row: dict[str, Any]) -> None:
         metrics = {k: v for k, v in row.items() if k != "round"}
         if job is not None:
             job.log_metrics(metrics, step=row["round"])
         if progress_file is not None:
             progress_file.write_text(json.dumps(row))
+        if hook is not None:
+            hook(row)
 
     return on_round
 
@@ -132,17 +136,34 @@ def _simulate(spec: JobSpec, server_app, client_app, log_path: Path | None) -> N
             ray.shutdown()
 
 
-def _log_test(job, test: EpochResult, partitions: PartitionSet) -> None:
+def _log_test(job, test: EpochResult, partitions: PartitionSet, clients: list[dict[str, Any]],
+              classes: list | None) -> None:
+    from orchard.tracking.federated import log_partitions
+
     # The engine's metrics for the task: accuracy/f1/precision/recall, or mae/rmse/r2 for regression.
     job.log_metrics(test.as_metrics("test"), step=0)
-    job.log_text(json.dumps({"folder": partitions.folder.name, "counts": partitions.counts,
-                             "label_counts": partitions.label_counts}, indent=1), "federated/partitions.json")
+    log_partitions(job, partitions, classes)  # rows and label histogram per client: table + plot
+    # Per-client figures as ONE table (MLflow's table JSON: columns + data) rather than client/<id>/*
+    # metrics: 100 clients x 5 keys would bury the fed/* charts in the UI's metric list, and a table
+    # keeps the status and rejection reason next to each loss.
+    columns = ["round", "client", "node", "status", "train_loss", "num_examples", "reason"]
+    job.log_text(json.dumps({"columns": columns, "data": [[c.get(k) for k in columns] for c in clients]}),
+                 CLIENTS_TABLE)
+
+
+def checkpoint_dir(job) -> Path | None:
+    return CHECKPOINT_ROOT / job.run_id if job is not None else None
 
 
 def run_federated(spec: JobSpec, prepared: PreparedData, job=None, log_path: Path | None = None, *,
-                  round_timeout_s: float = ROUND_TIMEOUT_S, connect_timeout_s: float = CONNECT_TIMEOUT_S,
-                  ) -> FederatedResult:
-    """Federate ``spec`` over ``prepared``; log per-round and test metrics to ``job`` (a JobRun) if given."""
+                  round_timeout_s: float | None = None, connect_timeout_s: float | None = None,
+                  on_round: Callable[[dict[str, Any]], None] | None = None) -> FederatedResult:
+    """Federate ``spec`` over ``prepared``; log per-round and test metrics to ``job`` (a JobRun) if given.
+
+    With a job, every round is checkpointed under ``.orchard/federated/<run id>``; when a checkpoint
+    exists for ``job.run_id`` (``orchard run --resume``), the federation continues from the round after it.
+    """
+    from orchard.federated.checkpoint import load_latest
     from orchard.federated.client import make_client_app
     from orchard.federated.server import (
         Federation,
@@ -151,17 +172,26 @@ def run_federated(spec: JobSpec, prepared: PreparedData, job=None, log_path: Pat
         global_model,
         make_server_app,
     )
+    from orchard.federated.strategies import check_strategy
 
+    check_strategy(spec)  # impossible strategy settings fail before any process starts
     manifest = prepared.manifest
     partitions = write_partitions(prepared, spec.federated)
     x_test, y_test = read_split(prepared, "test")
     test_xy = (torch.from_numpy(x_test), torch.from_numpy(y_test))
-    federation = Federation()
+    ckpt_dir = checkpoint_dir(job)
+    federation = Federation(partition_counts=list(partitions.counts), checkpoint_dir=ckpt_dir,
+                            resume=load_latest(ckpt_dir) if ckpt_dir is not None else None)
+    if job is not None and federation.resume is not None:
+        job.log_metrics({"fed/resumed_from": float(federation.resume.round)}, step=federation.resume.round)
     progress_file = log_path.parent / "progress.json" if log_path is not None else None
-    server_app = make_server_app(spec, manifest, test_xy, federation, _round_logger(job, progress_file),
+    server_app = make_server_app(spec, manifest, test_xy, federation, _round_logger(job, progress_file, on_round),
                                  round_timeout_s=round_timeout_s, connect_timeout_s=connect_timeout_s)
     client_app = make_client_app(spec, manifest, partitions.folder.resolve())
-    _simulate(spec, server_app, client_app, log_path)
+    if federation.resume is None or federation.resume.round < spec.federated.rounds:
+        _simulate(spec, server_app, client_app, log_path)
+    else:
+        server_app_body_done(federation)
     if not federation.arrays:
         raise FederationError("the federation ended without a global model (see the engine log)")
 
@@ -169,6 +199,15 @@ def run_federated(spec: JobSpec, prepared: PreparedData, job=None, log_path: Pat
     model = global_model(spec, manifest)
     model.load_state_dict(federation.arrays.to_torch_state_dict())
     if job is not None:
-        _log_test(job, test, partitions)
+        _log_test(job, test, partitions, federation.clients, manifest.get("classes"))
     return FederatedResult(model=model.eval(), history=federation.history, test=test,
-                           partition_counts=partitions.counts, partitions=partitions)
+                           partition_counts=partitions.counts, partitions=partitions, clients=federation.clients)
+
+
+def server_app_body_done(federation) -> None:
+    """A resumed run whose checkpoint already holds the last round: nothing left to federate."""
+    from flwr.app import ArrayRecord
+
+    ck = federation.resume
+    federation.history, federation.clients = list(ck.history), list(ck.clients)
+    federation.arrays = ArrayRecord(ck.arrays)

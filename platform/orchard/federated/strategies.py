@@ -1,0 +1,259 @@
+"""The strategy factory: any of Flower's 12 Message-API strategies from ``federated.strategy``.
+
+Orchard's own behaviour (reply validation, participation records, round skipping, round offsets for
+resume) lives in ``GuardedStrategy``, a thin wrapper put *outside* every strategy and outside Flower's DP
+wrappers: those skip a round on any error reply and clip before calling the strategy they wrap, so replies
+must be filtered before they reach them. One wrapper serves all 12 strategies (DESIGN rule 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.serverapp.strategy import Strategy
+
+from orchard.config import JobSpec, SpecError
+
+logger = logging.getLogger("flwr")  # the engine log (simulation.engine_logs_to) collects this logger
+
+ROBUST = ("krum", "multikrum", "bulyan")
+
+
+def num_sampled(spec: JobSpec) -> int:
+    """Clients asked per round, as ``FedAvg.configure_train`` computes it."""
+    fed = spec.federated
+    return max(int(fed.clients * fed.fraction_train), fed.min_train_clients)
+
+
+def num_malicious(spec: JobSpec) -> int:
+    """Attackers a robust rule must tolerate: explicit, or the attack fraction of the sampled clients."""
+    f = spec.federated.strategy.num_malicious
+    if f == "auto":
+        return round(spec.federated.attack.fraction * num_sampled(spec))
+    return int(f)
+
+
+def check_strategy(spec: JobSpec) -> None:
+    """Refuse combinations a strategy cannot aggregate, before any process starts."""
+    fed, name = spec.federated, spec.federated.strategy.name
+    n, f = num_sampled(spec), num_malicious(spec)
+    where = f"federated.strategy.name={name}"
+    # Conditions from flwr.serverapp.strategy: Bulyan skips rounds with fewer than 4f+3 replies; Krum's
+    # score sums the n-f-2 nearest updates, meaningful only for n > 2f+2 (Blanchard et al.).
+    if name == "bulyan" and n < 4 * f + 3:
+        raise SpecError(f"{where}: Bulyan needs at least 4*num_malicious+3 = {4 * f + 3} clients per round, "
+                        f"but {n} are sampled (clients x fraction_train); every round would be skipped")
+    if name in ("krum", "multikrum") and n <= 2 * f + 2:
+        raise SpecError(f"{where}: Krum needs more than 2*num_malicious+2 = {2 * f + 2} clients per round, "
+                        f"but {n} are sampled (num_malicious={f})")
+    if name == "multikrum" and fed.strategy.num_selected > n - f:
+        raise SpecError(f"{where}: num_selected={fed.strategy.num_selected} exceeds the {n - f} honest "
+                        f"clients per round (sampled {n} - num_malicious {f})")
+    if name == "fedtrimmedavg" and int(fed.strategy.trim_beta * n) * 2 >= n:
+        raise SpecError(f"{where}: trim_beta={fed.strategy.trim_beta} trims every one of {n} replies")
+    if fed.min_train_clients > n:
+        raise SpecError(f"federated.min_train_clients={fed.min_train_clients} exceeds the {n} clients "
+                        "sampled per round: every round would be skipped")
+
+
+def client_lr(spec: JobSpec) -> float:
+    return spec.federated.client_lr or spec.train.lr
+
+
+def build_strategy(spec: JobSpec) -> Any:
+    """The Flower strategy named by the spec; central evaluation only (fraction_evaluate=0)."""
+    from flwr.serverapp import strategy as st
+
+    check_strategy(spec)
+    fed, s = spec.federated, spec.federated.strategy
+    common = {"fraction_train": fed.fraction_train, "fraction_evaluate": 0.0,
+              "min_train_nodes": fed.min_train_clients, "min_evaluate_nodes": 0,
+              "min_available_nodes": fed.min_available_clients or fed.clients}
+    eta_l = client_lr(spec)
+    adaptive = {"eta": s.server_lr, "eta_l": eta_l, "tau": s.tau}
+    moments = {"beta_1": s.beta_1, "beta_2": s.beta_2}
+    f = num_malicious(spec)
+    factories = {
+        "fedavg": lambda: st.FedAvg(**common),
+        "fedavgm": lambda: st.FedAvgM(**common, server_learning_rate=s.server_lr,
+                                      server_momentum=s.server_momentum),
+        "fedprox": lambda: st.FedProx(**common, proximal_mu=s.proximal_mu),
+        "fedadagrad": lambda: st.FedAdagrad(**common, **adaptive),
+        "fedadam": lambda: st.FedAdam(**common, **adaptive, **moments),
+        "fedyogi": lambda: st.FedYogi(**common, **adaptive, **moments),
+        "qfedavg": lambda: st.QFedAvg(**common, client_learning_rate=eta_l, q=s.q),
+        "fedmedian": lambda: st.FedMedian(**common),
+        "fedtrimmedavg": lambda: st.FedTrimmedAvg(**common, beta=s.trim_beta),
+        "krum": lambda: st.Krum(**common, num_malicious_nodes=f),
+        "multikrum": lambda: st.MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=s.num_selected),
+        "bulyan": lambda: st.Bulyan(**common, num_malicious_nodes=f),
+    }
+    return factories[s.name]()
+
+
+ARRAYS_KEY, METRICS_KEY, CLIENT_KEY = "arrays", "metrics", "orchard"
+METRIC_KEYS = frozenset({"train_loss", "num-examples"})
+
+
+@dataclass
+class RoundLog:
+    """One round as the server saw it: counts for ``fed/*`` and one row per sampled client."""
+
+    sampled: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    failed: int = 0
+    rejected: int = 0
+    skipped: bool = False
+    clients: list[dict[str, Any]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        ok = [c for c in self.clients if c["status"] == "ok"]
+        losses = [c["train_loss"] for c in ok]
+        return {"fed/clients": float(len(ok)), "fed/failed": float(self.failed),
+                "fed/rejected": float(self.rejected), "fed/skipped": float(self.skipped),
+                "fed/bytes_sent": float(self.bytes_sent), "fed/bytes_received": float(self.bytes_received),
+                "fed/client_train_loss": sum(losses) / len(losses) if losses else float("nan")}
+
+
+def record_bytes(record: Any) -> int:
+    return sum(len(a.data) for a in record.values())
+
+
+class ReplyCheck:
+    """What a valid train reply holds: the global model's keys, shapes and dtypes; finite values; a
+    plausible ``num-examples`` (at most the rows the client's partition holds)."""
+
+    def __init__(self, arrays: Any, partition_counts: list[int]) -> None:
+        self.layout = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        self.counts = partition_counts
+
+    def client_of(self, msg: Any) -> int | None:
+        if msg.has_error() or CLIENT_KEY not in msg.content.config_records:
+            return None
+        cid = msg.content.config_records[CLIENT_KEY].get("client-id")
+        return int(cid) if isinstance(cid, int) and 0 <= cid < len(self.counts) else None
+
+    def problem(self, msg: Any) -> str | None:
+        """Why ``msg`` cannot be aggregated, or None."""
+        content = msg.content
+        if list(content.array_records) != [ARRAYS_KEY] or list(content.metric_records) != [METRICS_KEY]:
+            return (f"expected one ArrayRecord '{ARRAYS_KEY}' and one MetricRecord '{METRICS_KEY}', got "
+                    f"{list(content.array_records)} / {list(content.metric_records)}")
+        arrays, metrics = content[ARRAYS_KEY], content[METRICS_KEY]
+        if set(arrays) != set(self.layout):
+            return f"array keys differ: missing {sorted(set(self.layout) - set(arrays))[:3]}, " \
+                   f"extra {sorted(set(arrays) - set(self.layout))[:3]}"
+        for key, (shape, dtype) in self.layout.items():
+            a = arrays[key]
+            if (tuple(a.shape), a.dtype) != (shape, dtype):
+                return f"array {key}: shape {tuple(a.shape)} dtype {a.dtype}, expected {shape} {dtype}"
+            values = a.numpy()
+            if values.dtype.kind in "fc" and not np.isfinite(values).all():
+                return f"array {key}: NaN or Inf values"
+        if set(metrics) != METRIC_KEYS:
+            return f"metric keys {sorted(metrics)}, expected {sorted(METRIC_KEYS)}"
+        n, loss = metrics["num-examples"], metrics["train_loss"]
+        cid = self.client_of(msg)
+        most = self.counts[cid] if cid is not None else max(self.counts)
+        if not isinstance(n, int | float) or not 0 < n <= most:
+            return f"num-examples={n!r} is outside (0, {most}] (the client's partition size)"
+        if not isinstance(loss, int | float) or not math.isfinite(loss):
+            return f"train_loss={loss!r} is not a finite number"
+        return None
+
+
+def _last_line(reason: str) -> str:
+    """A ClientApp exception arrives as Ray's whole traceback; its last line holds the message."""
+    lines = [ln.strip(" '>") for ln in re.sub(r"\x1b\[[0-9;]*m", "", reason).splitlines() if ln.strip(" '>")]
+    return lines[-1][:300] if lines else ""
+
+
+class GuardedStrategy(Strategy):
+    """Wraps any strategy: validates train replies, records participation, skips thin rounds.
+
+    Also shifts round numbers by ``offset`` so a resumed federation continues at round r+1 (Flower's
+    ``start`` always counts from 1), and reseeds client sampling per round so a resumed run samples the
+    same clients an uninterrupted one would have.
+    """
+
+    def __init__(self, inner: Any, check: ReplyCheck, min_replies: int, seed: int = 0, offset: int = 0) -> None:
+        self.inner, self.check, self.min_replies = inner, check, min_replies
+        self.seed, self.offset = seed, offset
+        self.rounds: dict[int, RoundLog] = {}
+        self.node_client: dict[int, int] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
+        rnd = server_round + self.offset
+        random.seed(self.seed * 1_000_003 + rnd)
+        messages = list(self.inner.configure_train(rnd, arrays, config, grid))
+        self.rounds[rnd] = RoundLog(sampled=len(messages),
+                                    bytes_sent=sum(record_bytes(m.content[ARRAYS_KEY]) for m in messages))
+        self._sent = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:
+        rnd = server_round + self.offset
+        log = self.rounds.setdefault(rnd, RoundLog())
+        good = self._screen(rnd, list(replies), log)
+        if len(good) < self.min_replies:
+            logger.warning("round %d skipped: %d valid replies, federated.min_train_clients=%d",
+                           rnd, len(good), self.min_replies)
+            log.skipped = True
+            return None, None
+        arrays, metrics = self.inner.aggregate_train(rnd, good)
+        log.skipped = arrays is None  # e.g. Bulyan, or a DP wrapper that refused the round
+        return arrays, metrics
+
+    def _screen(self, rnd: int, replies: list[Any], log: RoundLog) -> list[Any]:
+        good = []
+        answered = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                log.failed += 1
+                log.clients.append(self._row(rnd, node, "failed", _last_line(msg.error.reason or "")
+                                             or f"error code {msg.error.code}"))
+                continue
+            if ARRAYS_KEY in msg.content.array_records:
+                log.bytes_received += record_bytes(msg.content[ARRAYS_KEY])
+            cid = self.check.client_of(msg)
+            if cid is not None:
+                self.node_client[node] = cid
+            reason = self.check.problem(msg)
+            if reason is not None:
+                log.rejected += 1
+                logger.warning("round %d: rejected the reply of client %s (node %d): %s",
+                               rnd, self.node_client.get(node, "?"), node, reason)
+                log.clients.append(self._row(rnd, node, "rejected", reason))
+                continue
+            metrics = msg.content[METRICS_KEY]
+            log.clients.append(self._row(rnd, node, "ok", "", float(metrics["train_loss"]),
+                                         int(metrics["num-examples"])))
+            good.append(msg)
+        for node in getattr(self, "_sent", set()) - answered:
+            log.failed += 1
+            log.clients.append(self._row(rnd, node, "failed", "no reply before federated.round_timeout_s"))
+        return good
+
+    def _row(self, rnd: int, node: int, status: str, reason: str, loss: float | None = None,
+             n: int | None = None) -> dict[str, Any]:
+        return {"round": rnd, "client": self.node_client.get(node, -1), "node": node, "status": status,
+                "train_loss": loss, "num_examples": n, "reason": reason}
+
+    def configure_evaluate(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Any]) -> Any:
+        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
