@@ -43,6 +43,7 @@ def run_dir_for(spec: JobSpec) -> Path:
 def run_job(spec: JobSpec, console: Console | None = None, resume: bool = False) -> JobSummary:
     """Run ``spec``; with ``resume``, continue its newest unfinished run from the last checkpoint."""
     console = console or Console()
+    _check_engine_settings(spec)
     resume_id = _resumable(spec) if resume else None
     run_dir = run_dir_for(spec)
     log_path = run_dir / "engine.log"
@@ -60,6 +61,14 @@ def prepare_only(spec: JobSpec, console: Console | None = None):
     log_path = run_dir_for(spec) / "engine.log"
     with engine_output_to(log_path, console) as term, _progress(term) as progress:
         return _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
+
+
+def _check_engine_settings(spec: JobSpec) -> None:
+    """Checks that need the engine's rules (not just the schema), still before any data or run exists."""
+    if spec.kind == "federated":
+        from orchard.federated.strategies import check_strategy
+
+        check_strategy(spec)
 
 
 def _prepare(spec: JobSpec, log_path: Path):

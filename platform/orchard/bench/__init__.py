@@ -39,4 +39,5 @@ def write_report(name: str, results: list[Result], path: str | Path | None) -> d
     return report
 
 
-BENCHES = {"train": "orchard.bench.train:run", "train-gpu": "orchard.bench.gpu:run"}
+BENCHES = {"train": "orchard.bench.train:run", "train-gpu": "orchard.bench.gpu:run",
+           "federated": "orchard.bench.federated:run"}
