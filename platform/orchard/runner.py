@@ -131,7 +131,8 @@ def _federate(spec: JobSpec, prepared, job, progress: Progress, run_dir: Path) -
     with _watch(progress, run_dir / "progress.json", "federate (Flower)", spec.federated.rounds, "round"):
         res = run_federated(spec, prepared, job, log_path=run_dir / "engine.log")
     scores = res.test.as_metrics("test")
-    return {"history": res.history, "x": "round", "confusion": res.test.confusion, "model": res.model, **scores}
+    return {"history": res.history, "x": "round", "confusion": res.test.confusion, "model": res.model,
+            "clients": res.clients, **scores}
 
 
 def _log_outputs(job, spec: JobSpec, prepared, result: dict[str, Any]) -> str | None:
@@ -144,6 +145,8 @@ def _log_outputs(job, spec: JobSpec, prepared, result: dict[str, Any]) -> str | 
         figures.append(("plots/confusion_matrix.png",
                         plots.confusion_matrix(result["confusion"], prepared.manifest["classes"])))
         job.log_text(json.dumps(np.asarray(result["confusion"]).tolist()), "metrics/confusion_matrix.json")
+    if result.get("clients"):
+        figures.append(("plots/clients_by_round.png", plots.client_rounds(result["clients"])))
     for name, fig in figures:
         job.log_figure(fig, name)
         plots.close(fig)

@@ -89,5 +89,45 @@ def partition_figure(label_counts: Sequence[Sequence[int]], classes: Sequence[An
     return fig
 
 
+def client_rounds(clients: Sequence[dict[str, Any]], title: str = "Clients by round"):
+    """One cell per client and round: its local train loss, or a mark where it failed or was rejected.
+
+    Rows are ``{"round", "client", "status", "train_loss"}`` (the federation's per-client table); a client
+    not sampled in a round stays blank.
+    """
+    rounds = sorted({int(c["round"]) for c in clients}) or [1]
+    ids = sorted({int(c["client"]) for c in clients if int(c["client"]) >= 0}) or [0]
+    col = {r: i for i, r in enumerate(rounds)}
+    row = {c: i for i, c in enumerate(ids)}
+    loss = np.full((len(ids), len(rounds)), np.nan)
+    marks: dict[str, list[tuple[int, int]]] = {"failed": [], "rejected": []}
+    for c in clients:
+        if int(c["client"]) not in row:
+            continue
+        at = (row[int(c["client"])], col[int(c["round"])])
+        if c["status"] == "ok" and c.get("train_loss") is not None:
+            loss[at] = float(c["train_loss"])
+        elif c["status"] in marks:
+            marks[c["status"]].append(at)
+    fig, ax = plt.subplots(figsize=(min(18, 3 + 0.35 * len(rounds)), min(16, 2 + 0.22 * len(ids))))
+    im = ax.imshow(loss, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="local train loss")
+    for status, style in (("failed", dict(marker="x", color="red")), ("rejected", dict(marker="s", color="orange"))):
+        if marks[status]:
+            ys, xs = zip(*marks[status], strict=True)
+            ax.scatter(xs, ys, s=18, label=status, **style)
+    if any(marks.values()):
+        ax.legend(loc="upper left", bbox_to_anchor=(1.15, 1.0), fontsize=8)
+    step = max(1, len(ids) // 25)
+    ax.set_yticks(range(0, len(ids), step), [str(i) for i in ids[::step]])
+    xstep = max(1, len(rounds) // 20)
+    ax.set_xticks(range(0, len(rounds), xstep), [str(r) for r in rounds[::xstep]])
+    ax.set_xlabel("round")
+    ax.set_ylabel("client")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)
