@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["train", "train-gpu", "federated"])
     bench.add_argument("--json", dest="json_path", default=None, help="write the report as JSON here")
 
+    sync = sub.add_parser("sync-tracking", help="send metrics buffered during a tracking-server outage")
+    sync.add_argument("path", help="a buffer folder (or one .jsonl file) named in the outage warning")
+    sync.add_argument("--uri", default=None, help="tracking URI; default: the one recorded in the buffer")
+
     ui = sub.add_parser("ui", help="open MLflow's dashboard on the store the jobs wrote to")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     # Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80-column default.
     console = Console() if sys.stdout.isatty() else Console(width=140)
     try:
-        return {"run": _run, "prep": _prep, "check": _check, "demo": _demo, "ui": _ui, "bench": _bench}[args.verb](args, console)
+        return {"run": _run, "prep": _prep, "check": _check, "demo": _demo, "ui": _ui, "bench": _bench,
+                "sync-tracking": _sync_tracking}[args.verb](args, console)
     except SpecError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return EXIT_BAD_INPUT
@@ -170,6 +175,22 @@ def _bench(args, console: Console) -> int:
     console.print(f"machine: {report['machine']}")
     if args.json_path:
         console.print(f"report: {args.json_path}")
+    return EXIT_OK
+
+
+def _sync_tracking(args, console: Console) -> int:
+    from orchard.tracking import sync_buffer
+    from orchard.tracking.buffer import TrackingUnavailable
+
+    try:
+        sent = sync_buffer(args.path, args.uri)
+    except FileNotFoundError as exc:
+        console.print(f"[bold red]error:[/] no tracking buffer at {args.path} ({exc})", highlight=False)
+        return EXIT_BAD_INPUT
+    except TrackingUnavailable as exc:
+        console.print(f"[bold red]failed:[/] {exc}", highlight=False)
+        return EXIT_FAILED
+    console.print(f"sent {sent} buffered metric(s) from {args.path}")
     return EXIT_OK
 
 

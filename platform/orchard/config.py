@@ -204,14 +204,45 @@ class StrategySpec(_Section):
 class PrivacySpec(_Section):
     mode: Literal["none", "central_fixed", "central_adaptive", "local"] = Field(
         "none", description="Differential privacy: server-side fixed/adaptive clipping (central) or a client mod (local).")
-    noise_multiplier: float = Field(1.0, ge=0, description="Central DP: Gaussian noise stddev / clipping norm.")
+    noise_multiplier: float = Field(
+        1.0, gt=0, le=100, description="Central DP: Gaussian noise stddev / clipping norm (0 would mean epsilon = inf).")
     clipping_norm: float = Field(1.0, gt=0, description="L2 bound on a client update (initial bound when adaptive).")
-    target_quantile: float = Field(0.5, gt=0, lt=1, description="Adaptive clipping: quantile of updates left unclipped.")
-    epsilon: float = Field(10.0, gt=0, description="Local DP: per-reply epsilon of the Laplace/Gaussian client mod.")
-    delta: float = Field(1e-5, gt=0, lt=1, description="delta at which the privacy budget epsilon is reported.")
-    secagg: bool = Field(False, description="Secure aggregation (SecAgg+): the server sees only the sum of updates.")
-    secagg_shares: int = Field(3, ge=2, description="SecAgg+: shares of each client's secret.")
-    secagg_threshold: int = Field(2, ge=1, description="SecAgg+: shares needed to reconstruct a dropped client's mask.")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="Adaptive clipping: fraction of updates left unclipped.")
+    clip_norm_lr: float = Field(0.2, gt=0, le=1, description="Adaptive clipping: geometric step of the clipping norm per round.")
+    clipped_count_stddev: float | None = Field(
+        None, gt=0, description="Adaptive clipping: noise on the clipped count; default max(sampled/20, 2*noise_multiplier).")
+    epsilon: float = Field(1.0, gt=0, le=100, description="Local DP: per-reply epsilon that calibrates the client mod's Gaussian noise.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the local mod and at which the spent epsilon is reported.")
+    amplification: bool = Field(
+        True, description="Account privacy amplification by client sampling (q = sampled/clients); false = no-sampling bound.")
+    secagg: bool = Field(False, description="Secure aggregation (SecAgg+): refused, see the error for why and what to use.")
+
+    @model_validator(mode="after")
+    def _meaningful(self) -> PrivacySpec:
+        if self.secagg:
+            raise ValueError(
+                "secagg is not supported: Flower 1.42 offers SecAgg+ only as a legacy workflow "
+                "(flwr.server.workflow.SecAggPlusWorkflow needs a LegacyContext and a legacy flwr.server.strategy, "
+                "and secaggplus_mod answers only that workflow's 4-stage messages), which orchard's Message-API "
+                "strategies (flwr.serverapp.strategy) cannot drive. Use mode: central_fixed/central_adaptive "
+                "(the server clips and noises) or mode: local (each client noises its own update) instead")
+        # A knob the chosen mode ignores is a mistake the user should hear about, not a silent no-op.
+        if self.mode == "none":
+            return self  # lets `--set federated.privacy.mode=none` turn a DP spec into its no-DP baseline
+        used = {"local": {"clipping_norm", "epsilon", "delta"},
+                "central_fixed": {"noise_multiplier", "clipping_norm", "delta", "amplification"},
+                "central_adaptive": {"noise_multiplier", "clipping_norm", "delta", "amplification", "target_quantile",
+                                     "clip_norm_lr", "clipped_count_stddev"}}[self.mode]
+        ignored = sorted(self.model_fields_set - used - {"mode", "secagg"})
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} has no effect with mode: {self.mode}; "
+                             f"{self.mode} uses {', '.join(sorted(used))}")
+        if (self.mode == "central_adaptive" and self.clipped_count_stddev is not None
+                and self.noise_multiplier >= 2 * self.clipped_count_stddev):
+            raise ValueError(f"noise_multiplier={self.noise_multiplier:g} needs clipped_count_stddev > "
+                             f"{self.noise_multiplier / 2:g}: the update noise is what is left of the budget "
+                             "after the clipped-count noise (Andrew et al.), and none would be left")
+        return self
 
 
 class FaultSpec(_Section):
@@ -272,6 +303,8 @@ class TrackingSpec(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or MLflow's own.")
     experiment: str | None = Field(None, description="MLflow experiment; default: the spec's name.")
     log_model: bool = Field(True, description="Log the final model with mlflow.pytorch.log_model.")
+    outage_grace_s: float = Field(300.0, ge=0, description="At the end of a run, how long to wait for an "
+                                  "unreachable tracking server before keeping its metrics on disk for later sync.")
 
 
 class JobSpec(_Section):

@@ -19,6 +19,18 @@ from rich.console import Console
 ENGINE_LOGGERS = ("ray", "flwr", "py4j", "pyspark", "mlflow", "alembic", "filelock", "urllib3", "matplotlib")
 
 
+class _ConsoleHandler(logging.Handler):
+    def __init__(self, console: Console) -> None:
+        super().__init__(logging.WARNING)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(f"[yellow]warning:[/] {record.getMessage()}", highlight=False)
+        except Exception:  # noqa: BLE001 - a closed terminal must not break the job
+            self.handleError(record)
+
+
 @contextlib.contextmanager
 def engine_output_to(log_path: Path, console: Console) -> Iterator[Console]:
     """Within the block, fds 1/2 and engine loggers write to ``log_path``; yields a console on the terminal."""
@@ -38,9 +50,14 @@ def engine_output_to(log_path: Path, console: Console) -> Iterator[Console]:
         lg.propagate = False
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
+    shown = Console(file=term, force_terminal=console.is_terminal, width=console.width, no_color=console.no_color)
+    # Orchard's own warnings (e.g. the tracking server went away) are for the user: log file and terminal.
+    ours = logging.getLogger("orchard")
+    to_term = _ConsoleHandler(shown)
+    touched.append((ours, ours.handlers[:], ours.propagate))
+    ours.handlers, ours.propagate = [handler, to_term], False
     try:
-        yield Console(file=term, force_terminal=console.is_terminal, width=console.width,
-                      no_color=console.no_color)
+        yield shown
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

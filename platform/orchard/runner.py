@@ -44,6 +44,7 @@ def run_job(spec: JobSpec, console: Console | None = None, resume: bool = False)
     """Run ``spec``; with ``resume``, continue its newest unfinished run from the last checkpoint."""
     console = console or Console()
     _check_engine_settings(spec)
+    _check_tracking(spec)
     resume_id = _resumable(spec) if resume else None
     run_dir = run_dir_for(spec)
     log_path = run_dir / "engine.log"
@@ -69,6 +70,13 @@ def _check_engine_settings(spec: JobSpec) -> None:
         from orchard.federated.strategies import check_strategy
 
         check_strategy(spec)
+
+
+def _check_tracking(spec: JobSpec) -> None:
+    """An unreachable tracking server fails the job here, in seconds, before Spark or Ray start."""
+    from orchard.tracking import check_reachable, resolve_uri
+
+    check_reachable(resolve_uri(spec))
 
 
 def _prepare(spec: JobSpec, log_path: Path):

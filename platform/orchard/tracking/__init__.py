@@ -8,13 +8,34 @@ worker group can never open a second run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchard.config import JobSpec, spec_yaml
+from orchard.tracking.buffer import (
+    MetricBuffer,
+    TrackingUnavailable,
+    announce_outage,
+    announce_recovery,
+    drain,
+    is_outage,
+    log_or_buffer,
+    reachable,
+    send_terminated,
+    sync_buffer,
+    sync_command,
+)
+
+__all__ = ["JobRun", "RunLogger", "TrackingUnavailable", "check_reachable", "resolve_uri", "sync_buffer"]
+
+BUFFER_DIR = ".orchard/tracking-buffer"
+_log = logging.getLogger("orchard.tracking")
 
 
 def resolve_uri(spec: JobSpec | None = None) -> str:
@@ -27,6 +48,16 @@ def resolve_uri(spec: JobSpec | None = None) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def check_reachable(uri: str) -> None:
+    """Raise ``TrackingUnavailable`` at once if the tracking server at ``uri`` does not answer.
+
+    Call before any compute: the run cannot be created without the server.
+    """
+    if not reachable(uri):
+        raise TrackingUnavailable(f"MLflow tracking server at {uri} is unreachable: start it, or point "
+                                  "tracking.uri / $MLFLOW_TRACKING_URI at one that runs")
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -36,49 +67,69 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def default_buffer_dir() -> Path:
+    """Where unsent metrics wait during a tracking outage (absolute: Ray actors run from another folder)."""
+    return (Path.cwd() / BUFFER_DIR).resolve()
+
+
 @dataclass(frozen=True)
 class RunLogger:
-    """Picklable handle for logging metrics into an existing run from any process."""
+    """Picklable handle for logging metrics into an existing run from any process.
+
+    During a tracking-server outage the metrics go to the run's on-disk buffer (see ``buffer.py``) and are
+    replayed, in order, by the next call that gets through: training never waits on MLflow's retries.
+    """
 
     tracking_uri: str
     run_id: str
+    buffer_dir: str | None = None
 
     def client(self):
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(tracking_uri=self.tracking_uri)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
+    @property
+    def buffer(self) -> MetricBuffer:
+        return MetricBuffer(self.buffer_dir or default_buffer_dir(), self.run_id)
 
-        from mlflow.entities import Metric
+    def log_metrics(self, metrics: dict[str, float], step: int) -> bool:
+        """Log one step's metrics (one request: sync log_metric costs ~2 ms each on SQLite).
 
+        Returns False if they were buffered because the server is unreachable.
+        """
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        # One call per epoch/round: sync log_metric costs ~2 ms each on SQLite.
-        if batch:
-            self.client().log_batch(self.run_id, metrics=batch)
+        rows = [[k, float(v), now, int(step)] for k, v in metrics.items() if v is not None]
+        if not rows:
+            return True
+        return log_or_buffer(self.buffer, self.tracking_uri, self.run_id, rows)
 
 
 class JobRun:
     """An MLflow run for one job: created on the driver, finished exactly once."""
 
-    def __init__(self, spec: JobSpec, run_name: str | None = None, resume_run_id: str | None = None) -> None:
+    def __init__(self, spec: JobSpec, run_name: str | None = None, resume_run_id: str | None = None,
+                 buffer_dir: str | Path | None = None) -> None:
         import mlflow
 
         self.spec = spec
         self.uri = resolve_uri(spec)
+        check_reachable(self.uri)  # the run must be created: fail now, not after MLflow's minutes of retries
         mlflow.set_tracking_uri(self.uri)
         client = mlflow.tracking.MlflowClient(self.uri)
         self._client = client
         self._finished = False
         self._monitor = None
+        self._watch: _OutageWatch | None = None
+        self._settled = False  # the end-of-run wait for the server happened
+        self._gave_up = False  # ...and the grace ran out: finish() does not wait a second time
+        self._buffer_dir = str(Path(buffer_dir).resolve()) if buffer_dir else str(default_buffer_dir())
         self.resumed = resume_run_id is not None
         if resume_run_id:
             run = client.get_run(resume_run_id)
             client.update_run(resume_run_id, status="RUNNING")
             self.run_id, self.experiment_id = resume_run_id, run.info.experiment_id
-            self.logger = RunLogger(self.uri, self.run_id)
+            self._open_logger()
             return
         experiment = spec.tracking.experiment or spec.name
         exp = mlflow.get_experiment_by_name(experiment)
@@ -91,8 +142,14 @@ class JobRun:
         )
         self.run_id = run.info.run_id
         self.experiment_id = exp_id
-        self.logger = RunLogger(self.uri, self.run_id)
+        self._open_logger()
         self._log_spec()
+
+    def _open_logger(self) -> None:
+        self.logger = RunLogger(self.uri, self.run_id, self._buffer_dir)
+        # Warns here, on the driver, when the controller process starts buffering: its own log is not shown.
+        self._watch = _OutageWatch(self.logger)
+        self._watch.start()
 
     @staticmethod
     def interrupted_run(spec: JobSpec) -> str | None:
@@ -112,19 +169,56 @@ class JobRun:
     # -- lifecycle -------------------------------------------------------------------------------
     def monitor_system(self, interval_s: float = 5.0) -> None:
         """CPU, memory, disk, network (and GPU where pynvml sees one) as ``system/*`` metrics while the job runs."""
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=self.resumed,
-                                             tracking_uri=self.uri)
+        self._monitor = _buffered_monitor(self.logger, interval_s, self.resumed)
         self._monitor.start()
 
     def finish(self, status: str = "FINISHED") -> None:
+        """Close the run exactly once; buffered metrics are replayed first (waiting up to the grace period).
+
+        If the server is still down, the buffer (with the closing status) stays on disk and the log says
+        how to sync it: the job's own result does not depend on the tracking server being back.
+        """
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
-        if not self._finished:
-            self._client.set_terminated(self.run_id, status=status)
-            self._finished = True
+        if self._finished:
+            return
+        self._finished = True
+        if self._watch is not None:
+            self._watch.stop()
+        buf = self.logger.buffer
+        grace = 0.0 if self._gave_up else self.spec.tracking.outage_grace_s
+        if drain(buf, self.uri, grace):
+            try:
+                send_terminated(self.uri, self.run_id, status, int(time.time() * 1000))
+                buf.remove()
+                return
+            except Exception as exc:  # noqa: BLE001 - only an outage is kept for later
+                if not is_outage(exc):
+                    raise
+        with buf.locked():
+            buf.append({"uri": self.uri, "run_id": self.run_id, "terminate": status,
+                        "end_time": int(time.time() * 1000)})
+        announce_outage(buf, self.uri)
+        _log.warning("tracking server still unreachable after %.0f s: run %s is not closed and %d metrics "
+                     "are kept in %s; sync them later with: %s", grace, self.run_id, buf.metric_count(),
+                     buf.path, sync_command(buf.folder))
+
+    def _settle(self) -> None:
+        """Before end-of-run logging (plots, model) that needs the server: wait for it and replay the buffer."""
+        if self._settled:
+            return
+        self._settled = True
+        buf, grace = self.logger.buffer, self.spec.tracking.outage_grace_s
+        deadline = time.monotonic() + grace
+        while not reachable(self.uri) and time.monotonic() < deadline:
+            time.sleep(2.0)
+        if not drain(buf, self.uri, max(0.0, deadline - time.monotonic())):
+            self._gave_up = True
+            raise TrackingUnavailable(
+                f"MLflow tracking server at {self.uri} unreachable for {grace:.0f} s (tracking.outage_grace_s) "
+                f"at the end of run {self.run_id}: the model was not logged; {buf.metric_count()} metrics are "
+                f"kept in {buf.path} (sync later with: {sync_command(buf.folder)})")
 
     def __enter__(self) -> JobRun:
         return self
@@ -169,16 +263,20 @@ class JobRun:
         self.log_metrics({f"data/{k}_rows": v for k, v in counts.items()}, step=0)
 
     def log_figure(self, fig, path: str) -> None:
+        self._settle()
         self._client.log_figure(self.run_id, fig, path)
 
     def log_text(self, text: str, path: str) -> None:
+        self._settle()
         self._client.log_text(self.run_id, text, path)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self._settle()
         self._client.log_artifact(self.run_id, str(local_path), artifact_path)
 
     def log_model(self, model, example) -> str:
         """Log the model with a tensor signature so pyfunc can load and serve it. Returns the model URI."""
+        self._settle()
         import mlflow
         import numpy as np
         from mlflow.models import infer_signature
@@ -199,3 +297,69 @@ class JobRun:
             )
         return info.model_uri
 
+
+
+class _OutageWatch:
+    """Driver-side thread: announces an outage seen by any process, and replays the buffer when it can.
+
+    The Ray Train controller logs to Ray's own files, so its warning would never reach the user; this
+    thread makes the driver say it (once per outage) and notices recovery even when no epoch is logged.
+    """
+
+    def __init__(self, logger: RunLogger, poll_s: float = 1.0, retry_s: float = 5.0) -> None:
+        self.logger, self.poll_s, self.retry_s = logger, poll_s, retry_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="orchard-tracking-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        buf, uri, last_try = self.logger.buffer, self.logger.tracking_uri, 0.0
+        while not self._stop.wait(self.poll_s):
+            try:
+                if not buf.pending():
+                    announce_recovery(buf, uri)
+                    continue
+                announce_outage(buf, uri)
+                if time.monotonic() - last_try >= self.retry_s:
+                    last_try = time.monotonic()
+                    log_or_buffer(buf, uri, self.logger.run_id, [])
+            except Exception as exc:  # noqa: BLE001 - a watcher must never take the job down
+                _log.debug("tracking watch: %s", exc)
+
+
+def _buffered_monitor(logger: RunLogger, interval_s: float, resumed: bool):
+    """MLflow's system-metrics monitor, publishing through the buffered ``RunLogger``.
+
+    MLflow's own loop calls ``get_run`` every sample and quits the thread for good on its first error
+    (after minutes of retries that ``finish`` would wait on); this one keeps sampling through an outage.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class BufferedSystemMetricsMonitor(SystemMetricsMonitor):
+        def monitor(self) -> None:
+            while not self._shutdown_event.is_set():
+                for _ in range(self.samples_before_logging):
+                    self.collect_metrics()
+                    if self._shutdown_event.wait(self.sampling_interval):
+                        return
+                try:
+                    self.publish_metrics(self.aggregate_metrics())
+                except Exception as exc:  # noqa: BLE001 - a rejected request (not an outage) ends monitoring
+                    _log.debug("system metrics stopped: %s", exc)
+                    return
+
+        def publish_metrics(self, metrics: dict[str, float]) -> None:
+            prefix = self._metrics_prefix + (self.node_id + "/" if self.node_id else "")
+            logger.log_metrics({prefix + k: v for k, v in metrics.items()}, self._logging_step)
+            self._logging_step += 1
+            for m in self.monitors:
+                m.clear_metrics()
+
+    return BufferedSystemMetricsMonitor(logger.run_id, sampling_interval=interval_s, resume_logging=resumed,
+                                        tracking_uri=logger.tracking_uri)
