@@ -49,6 +49,19 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["train", "train-gpu", "federated"])
     bench.add_argument("--json", dest="json_path", default=None, help="write the report as JSON here")
 
+    submit = sub.add_parser("submit", help="run a spec on a Ray cluster through the Ray Jobs API")
+    submit.add_argument("spec")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--address", default=None, help="Jobs API URL (default: $RAY_ADDRESS, else http://127.0.0.1:8265)")
+    submit.add_argument("--image", default=None, help="run in this prebuilt platform image instead of shipping the project")
+    submit.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job SUCCEEDED")
+
+    jobs = sub.add_parser("jobs", help="list, inspect, read the logs of, or stop cluster jobs")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("id", nargs="?", help="submission id (all actions but list)")
+    jobs.add_argument("--address", default=None)
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+
     sync = sub.add_parser("sync-tracking", help="send metrics buffered during a tracking-server outage")
     sync.add_argument("path", help="a buffer folder (or one .jsonl file) named in the outage warning")
     sync.add_argument("--uri", default=None, help="tracking URI; default: the one recorded in the buffer")
@@ -66,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=140)
     try:
         return {"run": _run, "prep": _prep, "check": _check, "demo": _demo, "ui": _ui, "bench": _bench,
-                "sync-tracking": _sync_tracking}[args.verb](args, console)
+                "sync-tracking": _sync_tracking, "submit": _submit, "jobs": _jobs}[args.verb](args, console)
     except SpecError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return EXIT_BAD_INPUT
@@ -176,6 +189,70 @@ def _bench(args, console: Console) -> int:
     if args.json_path:
         console.print(f"report: {args.json_path}")
     return EXIT_OK
+
+
+def _submit(args, console: Console) -> int:
+    from orchard.remote import jobs
+
+    load_spec(args.spec, args.overrides)  # a bad spec is refused here, before anything reaches the cluster
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        console.print("[yellow]warning:[/] MLFLOW_TRACKING_URI is not set here: unless the spec names "
+                      "tracking.uri, the run is tracked in a store inside the job's folder on the cluster")
+    try:
+        job_id, url = jobs.submit(args.spec, args.overrides, args.address, args.image)
+        console.print(f"submitted [bold]{job_id}[/]\n  dashboard: {url}\n  follow: orchard jobs logs {job_id} --follow")
+        if not args.follow:
+            return EXIT_OK
+        return _final(jobs.follow(job_id, args.address, _writer()), job_id, console)
+    except jobs.ClusterError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return EXIT_FAILED
+
+
+def _writer():
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return write
+
+
+def _final(state: str, job_id: str, console: Console) -> int:
+    console.print(f"job {job_id}: [bold]{state}[/]")
+    return EXIT_OK if state == "SUCCEEDED" else EXIT_FAILED
+
+
+def _jobs(args, console: Console) -> int:
+    from orchard.remote import jobs
+
+    if args.action != "list" and not args.id:
+        console.print(f"[bold red]error:[/] orchard jobs {args.action} needs a submission id")
+        return EXIT_BAD_INPUT
+    try:
+        if args.action == "list":
+            table = Table(title="Ray jobs")
+            for col in ("id", "status", "entrypoint", "message"):
+                table.add_column(col, overflow="fold")
+            for row in jobs.list_jobs(args.address):
+                table.add_row(row["id"], row["status"], row["entrypoint"], row["message"])
+            console.print(table)
+        elif args.action == "status":
+            console.print(jobs.status(args.id, args.address))
+        elif args.action == "logs" and args.follow:
+            return _final(jobs.follow(args.id, args.address, _writer()), args.id, console)
+        elif args.action == "logs":
+            _writer()(jobs.logs(args.id, args.address))
+        else:
+            return _stopped(jobs.stop(args.id, args.address), args.id, console)
+    except jobs.ClusterError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _stopped(state: str, job_id: str, console: Console) -> int:
+    console.print(f"job {job_id}: [bold]{state}[/]")
+    return EXIT_OK if state in ("STOPPED", "SUCCEEDED", "FAILED") else EXIT_FAILED
 
 
 def _sync_tracking(args, console: Console) -> int:

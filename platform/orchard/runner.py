@@ -45,6 +45,7 @@ def run_job(spec: JobSpec, console: Console | None = None, resume: bool = False)
     console = console or Console()
     _check_engine_settings(spec)
     _check_tracking(spec)
+    _join_cluster(spec)
     resume_id = _resumable(spec) if resume else None
     run_dir = run_dir_for(spec)
     log_path = run_dir / "engine.log"
@@ -70,6 +71,16 @@ def _check_engine_settings(spec: JobSpec) -> None:
         from orchard.federated.strategies import check_strategy
 
         check_strategy(spec)
+
+
+def _join_cluster(spec: JobSpec) -> None:
+    """Inside a Ray job, join the cluster before writing anything: joining may re-extract the shipped folder."""
+    import os
+
+    if spec.kind == "train" and os.environ.get("RAY_ADDRESS"):
+        from orchard.train.launcher import init_ray
+
+        init_ray()
 
 
 def _check_tracking(spec: JobSpec) -> None:

@@ -52,8 +52,12 @@ def init_ray(min_cpus: float = 0) -> None:
     kwargs: dict[str, Any] = {}
     if not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(min_cpus))
+    cwd = os.getcwd()
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=True,
              logging_level=logging.WARNING, **kwargs)
+    # Inside a Ray job whose project was shipped as working_dir, joining the cluster re-extracts that
+    # folder: the old directory (our cwd) is gone and relative paths fail until we enter the new one.
+    os.chdir(cwd)
     DataContext.get_current().enable_progress_bars = False
     DataContext.get_current().print_on_execution_start = False
 

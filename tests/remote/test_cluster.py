@@ -1,0 +1,208 @@
+"""`orchard submit` against a real 2-node Ray cluster, tracking into a real MLflow server on PostgreSQL.
+
+The services start from `orchard.remote.services` (what docker-compose runs): `ray start --head`, a second
+`ray start --address=...` node, and `mlflow server` backed by the machine's PostgreSQL (`make services`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchard.remote import services
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PG = os.environ.get("ORCHARD_TEST_PG_URI", "postgresql://orchard:orchard@127.0.0.1:5432/orchard")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
+        time.sleep(0.5)
+
+
+def _up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class Stack:
+    """Processes in their own sessions, killed (with Ray's daemons under our temp dir) at the end."""
+
+    def __init__(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="orc-cl-", dir="/tmp")  # short: Ray's socket paths live under it
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], env: dict[str, str], log: str) -> subprocess.Popen:
+        argv = [str(BIN / argv[0]), *argv[1:]]
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, cwd=self.tmp,
+                                stdout=open(f"{self.tmp}/{log}", "wb"), stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def ray_cluster(self, extra_env: dict[str, str] | None = None, nodes: int = 2) -> str:
+        env = {**os.environ, "RAY_TMPDIR": self.tmp, "PATH": f"{BIN}:{os.environ['PATH']}",
+               "RAY_USAGE_STATS_ENABLED": "0", **(extra_env or {})}
+        env.pop("RAY_ADDRESS", None)
+        gcs, dash = _free_port(), _free_port()
+        agent = [f"--dashboard-agent-listen-port={_free_port()}"]
+        self.start(services.ray_head(port=gcs, dashboard_port=dash, num_cpus=2) + agent, env, f"head-{gcs}.log")
+        for i in range(nodes - 1):
+            agent = [f"--dashboard-agent-listen-port={_free_port()}"]
+            self.start(services.ray_worker(f"127.0.0.1:{gcs}", num_cpus=2) + agent, env, f"worker-{gcs}-{i}.log")
+        return f"http://127.0.0.1:{dash}"
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in psutil.process_iter(["cmdline"]):
+            if any(self.tmp in arg for arg in p.info["cmdline"] or []):
+                p.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _nodes_alive(dashboard: str, token: str | None = None) -> int:
+    import json
+
+    req = urllib.request.Request(f"{dashboard}/nodes?view=summary",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return sum(n["raylet"]["state"] == "ALIVE" for n in json.loads(r.read())["data"]["summary"])
+    except OSError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def pg_database():
+    import psycopg2
+
+    name = f"orchard_test_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(PG)
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    base = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://")
+    yield f"{base}/{name}"
+    admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+@pytest.fixture(scope="module")
+def stack(pg_database):
+    s = Stack()
+    try:
+        port = _free_port()
+        s.start(services.mlflow_server(pg_database, f"{s.tmp}/artifacts", port=port),
+                {**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{port},localhost:{port}"}, "mlflow.log")
+        s.mlflow = f"http://127.0.0.1:{port}"
+        s.dashboard = s.ray_cluster()
+        _wait_for(lambda: _up(f"{s.mlflow}/health"), "MLflow server")
+        _wait_for(lambda: _nodes_alive(s.dashboard) == 2, "2 alive Ray nodes")
+        yield s
+    finally:
+        s.close()
+
+
+def orchard(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "orchard"), *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_follow_succeeds_and_the_run_lands_in_the_mlflow_server(stack, tmp_path):
+    from mlflow.artifacts import download_artifacts
+    from mlflow.tracking import MlflowClient
+
+    experiment = f"cluster-{uuid.uuid4().hex[:6]}"
+    out = orchard("submit", "jobs/digits-cnn.yaml", "--address", stack.dashboard, "--follow",
+                  "--set", "train.epochs=2", "--set", "scaling.num_workers=2", "--set", f"tracking.experiment={experiment}",
+                  env={"MLFLOW_TRACKING_URI": stack.mlflow})
+    print(out.stdout[-3000:], out.stderr[-2000:])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "submitted" in out.stdout and "SUCCEEDED" in out.stdout
+
+    client = MlflowClient(stack.mlflow)
+    exp = client.get_experiment_by_name(experiment)
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [1, 2]
+    assert run.data.metrics["test/accuracy"] > 0.5
+    # The model artifact comes back through the server (artifacts are proxied, not read from disk).
+    (model,) = client.search_logged_models([exp.experiment_id])
+    assert model.source_run_id == run.info.run_id
+    assert model.artifact_location.startswith("mlflow-artifacts:")  # served by the server, not a local path
+    local = download_artifacts(artifact_uri=model.artifact_location, dst_path=str(tmp_path),
+                               tracking_uri=stack.mlflow)
+    assert (Path(local) / "MLmodel").exists()
+    assert any(p.stat().st_size > 10_000 for p in Path(local).rglob("*") if p.is_file())  # the weights
+
+
+def test_a_failed_job_makes_follow_exit_non_zero(stack):
+    out = orchard("submit", "jobs/digits-cnn.yaml", "--address", stack.dashboard, "--follow",
+                  "--set", "data.source=no/such/file.csv")
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert "FAILED" in out.stdout and "no/such/file.csv" in out.stdout
+
+
+def test_stop_logs_and_list(stack):
+    out = orchard("submit", "jobs/digits-cnn.yaml", "--address", stack.dashboard, "--set", "train.epochs=200")
+    assert out.returncode == 0, out.stdout + out.stderr
+    job_id = next(w for w in out.stdout.split() if w.startswith("raysubmit_"))
+    _wait_for(lambda: orchard("jobs", "status", job_id, "--address", stack.dashboard).stdout.strip() == "RUNNING",
+              "running job", 60)
+    listed = orchard("jobs", "list", "--address", stack.dashboard)
+    assert job_id in listed.stdout
+    stopped = orchard("jobs", "stop", job_id, "--address", stack.dashboard)
+    assert stopped.returncode == 0 and "STOPPED" in stopped.stdout
+    assert orchard("jobs", "status", job_id, "--address", stack.dashboard).stdout.strip() == "STOPPED"
+    logs = orchard("jobs", "logs", job_id, "--address", stack.dashboard)
+    assert logs.returncode == 0 and "orchard run digits-cnn" in logs.stdout
+    unknown = orchard("jobs", "status", "raysubmit_nosuchjob", "--address", stack.dashboard)
+    assert unknown.returncode == 1 and "error" in unknown.stdout
+
+
+def test_token_auth_refuses_a_submission_without_the_token_and_accepts_it_with(stack):
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    secure = Stack()
+    try:
+        dashboard = secure.ray_cluster({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, nodes=1)
+        _wait_for(lambda: _nodes_alive(dashboard, token) == 1, "token-protected head")
+        without = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        refused = subprocess.run([str(BIN / "orchard"), "submit", "jobs/digits-cnn.yaml", "--address", dashboard],
+                                 cwd=ROOT, env=without, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1
+        assert "requires token authentication" in refused.stdout and "RAY_AUTH_TOKEN" in refused.stdout
+        accepted = orchard("submit", "jobs/digits-cnn.yaml", "--address", dashboard, "--set", "train.epochs=1",
+                           env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+        assert accepted.returncode == 0 and "submitted raysubmit_" in accepted.stdout, accepted.stdout
+    finally:
+        secure.close()
