@@ -2,6 +2,10 @@
 
 Everything here is plain Python (csv, pyarrow, scikit-learn) so that a bad spec is refused in
 milliseconds and an unchanged prep is recognised without starting a JVM.
+
+``data.source`` may be a URI: ``file://`` is a local path; ``s3a://``, ``s3://``, ``gs://`` and ``hdfs://``
+go to Spark as they are (a cluster reads them on its nodes), and only their header/schema is read here
+through pyarrow's filesystems.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlparse
 
 from orchard.config import DataSpec, SpecError
 
@@ -21,17 +26,20 @@ PREP_VERSION = "orchard-data/1"
 SKLEARN_DATASETS = ("digits", "breast_cancer", "diabetes")
 SKLEARN_TASKS = {"diabetes": "regression"}
 DEFAULT_IMAGE_SHAPES = {"digits": [1, 8, 8]}
+# Read by Spark where the job runs; the bytes cannot be hashed from here.
+REMOTE_SCHEMES = ("s3a", "s3", "s3n", "gs", "gcs", "hdfs", "abfs", "abfss")
 
 
 @dataclass(frozen=True)
 class Source:
     kind: Literal["sklearn", "csv", "parquet"]
-    location: str  # the sklearn dataset name, or the resolved file/folder path
+    location: str  # the sklearn dataset name, the resolved file/folder path, or a remote URI as given
     slug: str
     columns: tuple[str, ...]  # every column the source has, in source order
     features: tuple[str, ...]  # numeric columns
     label: str
     categorical: tuple[str, ...] = ()
+    remote: bool = False  # location is a URI that only Spark (and pyarrow) can open
 
     def describe(self) -> str:
         return f"sklearn:{self.location}" if self.kind == "sklearn" else self.location
@@ -42,8 +50,12 @@ def resolve(data: DataSpec) -> Source:
     not_numeric: dict[str, str] = {}
     if data.source.startswith("sklearn:"):
         kind, location, columns = "sklearn", *_sklearn_columns(data.source, data.label)
+    elif _scheme(data.source) in REMOTE_SCHEMES:
+        kind = "csv" if data.source.lower().endswith(".csv") else "parquet"
+        location = data.source
+        columns, not_numeric = _remote_columns_of(kind, data.source)
     else:
-        path = Path(data.source).expanduser()
+        path = _local_path(data.source)
         if not path.exists():
             raise SpecError(f"data.source: {data.source} does not exist")
         if path.is_file() and path.suffix.lower() == ".csv":
@@ -55,7 +67,8 @@ def resolve(data: DataSpec) -> Source:
     numeric_only = {k: v for k, v in not_numeric.items() if k not in categorical}
     features = [c for c in _pick_features(data, columns, location, numeric_only, categorical) if c not in categorical]
     slug = _slug(location if kind == "sklearn" else Path(location).stem)
-    return Source(kind, location, slug, tuple(columns), tuple(features), data.label, tuple(categorical))
+    return Source(kind, location, slug, tuple(columns), tuple(features), data.label, tuple(categorical),
+                  remote=_scheme(location) in REMOTE_SCHEMES)
 
 
 def _pick_categorical(data: DataSpec, columns: list[str], where: str, kind: str) -> list[str]:
@@ -78,6 +91,9 @@ def content_hash(source: Source, data: DataSpec) -> str:
         import sklearn
 
         h.update(f"sklearn:{source.location}:{sklearn.__version__}".encode())
+    elif source.remote:
+        # Only the URI: a changed object under the same URI is not noticed (version your data paths).
+        h.update(f"uri:{source.location}".encode())
     else:
         root = Path(source.location)
         for file in _content_files(root):
@@ -133,7 +149,11 @@ def load_sklearn(dataset: str):
 def _csv_header(path: Path) -> list[str]:
     # utf-8-sig: a byte-order mark must not become part of the first column's name.
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        header = next(csv.reader(fh), None)
+        return _header_columns(fh, path)
+
+
+def _header_columns(lines, path) -> list[str]:
+    header = next(csv.reader(lines), None)
     if not header or not any(c.strip() for c in header):
         raise SpecError(f"data.source: {path} has no header row")
     columns = [c.strip() for c in header]
@@ -143,13 +163,13 @@ def _csv_header(path: Path) -> list[str]:
     return columns
 
 
-def _parquet_columns(path: Path) -> tuple[list[str], dict[str, str]]:
+def _parquet_columns(path: Path | str, filesystem=None) -> tuple[list[str], dict[str, str]]:
     """Column names, and the type of each column that cannot hold a number."""
     import pyarrow as pa
     import pyarrow.dataset as ds
 
     try:
-        schema = ds.dataset(str(path), format="parquet", partitioning="hive").schema
+        schema = ds.dataset(str(path), format="parquet", partitioning="hive", filesystem=filesystem).schema
     except (pa.ArrowInvalid, OSError) as exc:
         raise SpecError(f"data.source: {path} is neither a .csv file nor readable Parquet ({exc})") from None
     not_numeric = {f.name: str(f.type) for f in schema if not _castable_to_number(f.type)}
@@ -219,3 +239,41 @@ def _hash_file(h, path: Path) -> None:
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
+
+
+def _scheme(source: str) -> str:
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", source)
+    return match.group(1).lower() if match else ""
+
+
+def _local_path(source: str) -> Path:
+    """A plain path, or the path of a ``file://`` URI (``file:///abs/x.csv``, ``file://localhost/abs``)."""
+    scheme = _scheme(source)
+    if not scheme:
+        return Path(source).expanduser()
+    if scheme != "file":
+        known = ", ".join(f"{s}://" for s in ("file", *REMOTE_SCHEMES))
+        raise SpecError(f"data.source: unsupported URI scheme {scheme}:// in {source} (known: {known})")
+    parsed = urlparse(source)
+    if parsed.netloc not in ("", "localhost"):
+        raise SpecError(f"data.source: {source} names host {parsed.netloc!r}; a file:// URI must be local "
+                        "(file:///absolute/path)")
+    return Path(unquote(parsed.path))
+
+
+def _remote_columns_of(kind: str, uri: str) -> tuple[list[str], dict[str, str]]:
+    """Header (CSV) or schema (Parquet) of a remote source, read through pyarrow's filesystems."""
+    import pyarrow.fs as pafs
+
+    # pyarrow knows s3:// where Hadoop says s3a:// or s3n://; Spark keeps the URI as written.
+    arrow_uri = re.sub(r"^s3[an]://", "s3://", uri, flags=re.IGNORECASE)
+    try:
+        fs, path = pafs.FileSystem.from_uri(arrow_uri)
+        if kind == "csv":
+            with fs.open_input_stream(path) as fh:
+                first = fh.read(1 << 16).decode("utf-8-sig").splitlines()[:1]
+            return _header_columns(first, uri), {}
+        return _parquet_columns(path, filesystem=fs)
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"data.source: cannot read {uri} from this machine ({exc}); check the URI and the "
+                        "credentials in the environment") from None
