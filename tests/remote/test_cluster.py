@@ -149,6 +149,7 @@ def test_submit_follow_succeeds_and_the_run_lands_in_the_mlflow_server(stack, tm
     print(out.stdout[-3000:], out.stderr[-2000:])
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "submitted" in out.stdout and "SUCCEEDED" in out.stdout
+    assert "storage_path=.orchard/ray_results is a local folder, but this Ray cluster has 2 nodes" in out.stdout
 
     client = MlflowClient(stack.mlflow)
     exp = client.get_experiment_by_name(experiment)

@@ -62,6 +62,17 @@ def init_ray(min_cpus: float = 0) -> None:
     DataContext.get_current().print_on_execution_start = False
 
 
+def _warn_node_local_storage(storage_path: str) -> None:
+    """Checkpoints on a node-local folder of a multi-node cluster cannot be restored on another node."""
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1 and "://" not in storage_path:
+        log.warning("scaling.storage_path=%s is a local folder, but this Ray cluster has %d nodes: a worker "
+                    "restarted on another node cannot read its checkpoints. Point it at shared storage "
+                    "(s3://, gs://, hdfs://, or an NFS mount present on every node)", storage_path, nodes)
+
+
 def _use_gpu(spec: JobSpec) -> bool:
     import ray
 
@@ -97,6 +108,7 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None
     from orchard.train.worker import TEST_FILE, train_loop
 
     init_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker + 1)
+    _warn_node_local_storage(spec.scaling.storage_path)
     datasets = {s: read_split(str(prepared.split_path(s).resolve()), prepared.manifest["counts"][s],
                               prepared.manifest["feature_dim"], shuffle_blocks=s == "train")
                 for s in ("train", "val", "test")}
