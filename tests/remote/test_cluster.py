@@ -72,7 +72,9 @@ class Stack:
         agent = [f"--dashboard-agent-listen-port={_free_port()}"]
         self.start(services.ray_head(port=gcs, dashboard_port=dash, num_cpus=2) + agent, env, f"head-{gcs}.log")
         for i in range(nodes - 1):
-            agent = [f"--dashboard-agent-listen-port={_free_port()}"]
+            # Its own temp dir, as a separate machine would have: nodes sharing one would unpack each
+            # job's working_dir into the same folder, deleting it under the running driver.
+            agent = [f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={self.tmp}/w{gcs % 1000}{i}"]
             self.start(services.ray_worker(f"127.0.0.1:{gcs}", num_cpus=2) + agent, env, f"worker-{gcs}-{i}.log")
         return f"http://127.0.0.1:{dash}"
 

@@ -1,4 +1,6 @@
-"""The tracking server goes away for 60 s in the middle of a real ``orchard run``: the job must not notice.
+"""The tracking server goes away for 60 s in the middle of a submitted training job: it must not notice.
+
+The job is submitted with ``orchard submit --follow`` to a real 2-node Ray cluster (``ray start``).
 
 A real ``mlflow server`` (PostgreSQL backend when ``ORCHARD_TEST_PG_URI`` is set, else SQLite) is
 stopped once epoch 1 is logged, kept down for 60 s (the issue's figure) and restarted on the same port
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.remote.test_cluster import Stack, _nodes_alive, _wait_for
 from tests.tracking.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -39,13 +42,17 @@ def _first_run(client: MlflowClient, deadline: float, job: subprocess.Popen):
 def test_job_survives_a_60s_tracking_outage_and_its_run_holds_every_epoch(tmp_path):
     server = MlflowServer(tmp_path)
     server.start()
+    cluster = Stack()
+    dashboard = cluster.ray_cluster()
     out = tmp_path / "job.out"
-    job = subprocess.Popen(
-        [sys.executable, "-m", "orchard.cli", "run", str(ROOT / "jobs/digits-cnn.yaml"),
-         "--set", f"train.epochs={EPOCHS}"],
-        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": server.uri},
-        stdout=open(out, "w"), stderr=subprocess.STDOUT)
+    job = None
     try:
+        _wait_for(lambda: _nodes_alive(dashboard) == 2, "2 alive Ray nodes")
+        job = subprocess.Popen(
+            [sys.executable, "-m", "orchard.cli", "submit", "jobs/digits-cnn.yaml", "--follow",
+             "--address", dashboard, "--set", f"train.epochs={EPOCHS}"],
+            cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": server.uri},
+            stdout=open(out, "w"), stderr=subprocess.STDOUT)
         client = MlflowClient(server.uri)
         run_id = _first_run(client, time.monotonic() + 240, job)
         server.stop()
@@ -66,13 +73,18 @@ def test_job_survives_a_60s_tracking_outage_and_its_run_holds_every_epoch(tmp_pa
         assert any(down_ms <= m.timestamp <= up_ms for m in cpu), "system metrics kept sampling through the outage"
         assert client.search_logged_models([run.info.experiment_id]), "model logged after the outage"
 
-        log = next((tmp_path / ".orchard/runs").glob("digits-cnn-*/engine.log")).read_text()
+        # The job ran in the shipped copy of the project on the cluster; its log and buffer are there.
+        shipped = Path(cluster.tmp)
+        log = next(shipped.rglob(".orchard/runs/digits-cnn-*/engine.log")).read_text()
         assert log.count("tracking server unreachable") == 1, "warned once per outage, not per epoch"
         assert log.count("tracking server back") == 1
         assert "Retrying (" not in log  # no per-request retry flood from urllib3
-        assert not list((tmp_path / ".orchard/tracking-buffer").glob("*.jsonl"))  # all replayed
+        assert not list(shipped.rglob(".orchard/tracking-buffer/*.jsonl"))  # all replayed
+        followed = out.read_text()
+        assert followed.count("tracking server unreachable") == 1 and "SUCCEEDED" in followed  # the user saw it once
     finally:
-        if job.poll() is None:
+        if job is not None and job.poll() is None:
             job.kill()
             job.wait()
+        cluster.close()
         server.close()
