@@ -261,6 +261,10 @@ class AttackSpec(_Section):
     seed: int = Field(0, description="Seed choosing the malicious clients.")
 
 
+# Central DP noise is calibrated to a plain mean of clipped updates; these strategies aggregate one.
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
+
+
 class FederatedSpec(_Section):
     clients: int = Field(10, ge=1, le=100_000, description="Number of simulated clients (SuperNodes).")
     rounds: int = Field(10, ge=1, le=100_000, description="Federated rounds.")
@@ -296,6 +300,9 @@ class FederatedSpec(_Section):
         if self.min_train_clients > self.clients:
             raise ValueError(f"min_train_clients={self.min_train_clients} exceeds clients={self.clients}: "
                              "no round could ever aggregate")
+        if self.privacy.mode.startswith("central") and self.strategy.name not in CENTRAL_DP_STRATEGIES:
+            raise ValueError(f"privacy.mode={self.privacy.mode} needs strategy.name fedavg or fedprox, got "
+                             f"{self.strategy.name}: the noise is calibrated to a plain mean of clipped updates")
         return self
 
 

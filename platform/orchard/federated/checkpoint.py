@@ -5,7 +5,8 @@ Layout (one folder per round, the two newest kept; a folder is complete once ren
     <root>/round-00003/arrays.safetensors    the global model after round 3
     <root>/round-00003/strategy.safetensors  server optimizer state (FedAdam/FedYogi/FedAdagrad m_t, v_t;
                                              FedAvgM momentum), keyed "<depth>.<attr>.<key>"
-    <root>/round-00003/state.json            round, history rows, per-client rows, scalar strategy state
+    <root>/round-00003/state.json            round, history rows, per-client rows, scalar strategy state,
+                                             DP releases (round, noise multiplier) for the privacy ledger
 
 No pickle: tensors in safetensors, everything else JSON (as ``orchard.engine.checkpoint``).
 """
@@ -37,6 +38,8 @@ class RoundCheckpoint:
     clients: list[dict[str, Any]] = field(default_factory=list)
     strategy_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     strategy_scalars: dict[str, float] = field(default_factory=dict)
+    # (round, noise multiplier) of every DP release so far: the privacy budget carries across a resume.
+    privacy_releases: list[tuple[int, float]] = field(default_factory=list)
 
 
 def _chain(strategy: Any) -> list[Any]:
@@ -87,7 +90,8 @@ def save_round(root: Path, ckpt: RoundCheckpoint) -> Path:
     save_file({k: v.detach().cpu().contiguous() for k, v in ckpt.arrays.items()}, str(tmp / ARRAYS_FILE))
     save_file(ckpt.strategy_tensors, str(tmp / STRATEGY_FILE))
     (tmp / STATE_FILE).write_text(json.dumps({"round": ckpt.round, "history": ckpt.history,
-                                              "clients": ckpt.clients, "strategy": ckpt.strategy_scalars}))
+                                              "clients": ckpt.clients, "strategy": ckpt.strategy_scalars,
+                                              "privacy_releases": [list(r) for r in ckpt.privacy_releases]}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # atomic: a kill leaves either the old or the complete new round
     for old in sorted(root.glob("round-*"))[:-KEEP]:
@@ -105,4 +109,5 @@ def load_latest(root: Path) -> RoundCheckpoint | None:
     return RoundCheckpoint(round=int(state["round"]), arrays=load_file(str(folder / ARRAYS_FILE)),
                            history=state["history"], clients=state["clients"],
                            strategy_tensors=load_file(str(folder / STRATEGY_FILE)),
-                           strategy_scalars=state.get("strategy", {}))
+                           strategy_scalars=state.get("strategy", {}),
+                           privacy_releases=[(int(r), float(z)) for r, z in state.get("privacy_releases", [])])

@@ -117,7 +117,8 @@ def _evaluate_fn(spec: JobSpec, manifest: dict, test_xy: tuple[torch.Tensor, tor
         if federation.checkpoint_dir is not None:
             tensors, scalars = strategy_state(strategy)
             save_round(federation.checkpoint_dir, RoundCheckpoint(
-                rnd, arrays.to_torch_state_dict(), federation.history, federation.clients, tensors, scalars))
+                rnd, arrays.to_torch_state_dict(), federation.history, federation.clients, tensors, scalars,
+                list(ledger.releases)))
         if on_round is not None:
             on_round(row)
         return MetricRecord({k.removeprefix("fed/"): float(v) for k, v in res.as_metrics("fed").items()})
@@ -142,8 +143,10 @@ def run_server(grid: Grid, spec: JobSpec, manifest: dict, test_xy: tuple[torch.T
     if federation.resume is not None:
         ck = federation.resume
         restore_strategy(strategy, ck.strategy_tensors, ck.strategy_scalars)
+        ledger.releases = list(ck.privacy_releases)
         federation.history, federation.clients = list(ck.history), list(ck.clients)
-        initial = ArrayRecord(ck.arrays)
+        # safetensors returns keys sorted; Flower's DP wrappers pair arrays by position, so keep the model's order.
+        initial = ArrayRecord({k: ck.arrays[k] for k in initial.keys()})
         federation.arrays = initial
         if start >= fed.rounds:
             return
