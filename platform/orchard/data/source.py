@@ -268,12 +268,20 @@ def _remote_columns_of(kind: str, uri: str) -> tuple[list[str], dict[str, str]]:
     # pyarrow knows s3:// where Hadoop says s3a:// or s3n://; Spark keeps the URI as written.
     arrow_uri = re.sub(r"^s3[an]://", "s3://", uri, flags=re.IGNORECASE)
     try:
-        fs, path = pafs.FileSystem.from_uri(arrow_uri)
+        if arrow_uri.lower().startswith(("gs://", "gcs://")):
+            from datetime import timedelta
+
+            # The default retry policy keeps trying for 15 minutes when GCS is unreachable.
+            fs, path = pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=15)), arrow_uri.split("://", 1)[1]
+        else:
+            fs, path = pafs.FileSystem.from_uri(arrow_uri)
         if kind == "csv":
             with fs.open_input_stream(path) as fh:
                 first = fh.read(1 << 16).decode("utf-8-sig").splitlines()[:1]
             return _header_columns(first, uri), {}
         return _parquet_columns(path, filesystem=fs)
+    except SpecError as exc:
+        raise SpecError(str(exc).replace(path, uri)) from None
     except (OSError, ValueError) as exc:
         raise SpecError(f"data.source: cannot read {uri} from this machine ({exc}); check the URI and the "
                         "credentials in the environment") from None
