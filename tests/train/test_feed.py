@@ -41,14 +41,46 @@ def test_every_row_once_in_full_batches(split_folder, ray_local, materialize, mo
 
     if not materialize:
         monkeypatch.setattr(feed, "MATERIALIZE_SHARE", 0.0)
-    ds = feed.read_split(str(split_folder), ROWS, DIM, shuffle_blocks=True)
-    batches = list(feed.tensor_batches(ds, BATCH))
-    sizes = [len(y) for _, y in batches]
-    assert sizes[:-1] == [BATCH] * (len(sizes) - 1) and sizes[-1] == ROWS - BATCH * (len(sizes) - 1)
-    labels = torch.cat([y for _, y in batches])
-    assert sorted(labels.tolist()) == list(range(ROWS))
-    x = torch.cat([x for x, _ in batches])
-    assert torch.equal(x[:, 0].long(), labels)  # features stay with their label across block joins
+    ds = feed.read_split(str(split_folder), ROWS, DIM, shuffle_files=True)
+    rng = np.random.default_rng(0)
+    orders = []
+    for _epoch in range(3):
+        batches = list(feed.tensor_batches(ds, BATCH, rng=rng))
+        sizes = [len(y) for _, y in batches]
+        assert sizes[:-1] == [BATCH] * (len(sizes) - 1) and sizes[-1] == ROWS - BATCH * (len(sizes) - 1)
+        labels = torch.cat([y for _, y in batches])
+        assert sorted(labels.tolist()) == list(range(ROWS))
+        x = torch.cat([x for x, _ in batches])
+        assert torch.equal(x[:, 0].long(), labels)  # features stay with their label across block joins
+        orders.append(labels.tolist())
+    assert len({tuple(o) for o in orders}) > 1, "every epoch saw the blocks in the same order"
+
+
+def test_block_shuffle_window_bounds_what_is_held(monkeypatch):
+    """Past the window, blocks leave the buffer as new ones arrive; each comes out exactly once."""
+    from orchard.train import feed
+
+    blocks = [pa.table({"v": pa.array(np.full(100, i, np.int64))}) for i in range(50)]  # 800 bytes each
+    pulled = []
+
+    def source():
+        for b in blocks:
+            pulled.append(b)
+            yield b
+
+    out = []
+    for b in feed._shuffled(source(), np.random.default_rng(1), window_bytes=4 * 800):
+        out.append(b)
+        assert len(pulled) - len(out) <= 5  # never more than the window (+1 arriving) held back
+    ids = [b.column("v")[0].as_py() for b in out]
+    assert sorted(ids) == list(range(50)) and ids != list(range(50))
+
+
+def test_a_shuffled_feed_refuses_rank_slices():
+    from orchard.train.feed import tensor_batches
+
+    with pytest.raises(ValueError, match="same batch order on every rank"):
+        next(tensor_batches(None, BATCH, rank_slice=(0, 2), rng=np.random.default_rng(0)))
 
 
 @pytest.mark.slow

@@ -110,7 +110,7 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None
     init_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker + 1)
     _warn_node_local_storage(spec.scaling.storage_path)
     datasets = {s: read_split(str(prepared.split_path(s).resolve()), prepared.manifest["counts"][s],
-                              prepared.manifest["feature_dim"], shuffle_blocks=s == "train")
+                              prepared.manifest["feature_dim"], shuffle_files=s == "train", seed=spec.train.seed)
                 for s in ("train", "val", "test")}
     use_gpu = _use_gpu(spec)
     if spec.scaling.strategy == "fsdp" and not use_gpu:

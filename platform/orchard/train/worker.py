@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -60,8 +61,9 @@ def train_loop(config: dict[str, Any]) -> None:
     budget = cache_budget(device) if spec.train.cache == "auto" else 0
     bs = spec.train.batch_size
     # Every rank caches the same way: equal shards (streaming_split equal=True) keep DDP step counts equal.
-    train_data = EpochCache(lambda: tensor_batches(train_shard, bs, label_dtype, pin=pin), device, bs, True, budget,
-                            seed=spec.train.seed + rank)
+    block_rng = np.random.default_rng(spec.train.seed + rank)  # a new block order every streamed epoch
+    train_data = EpochCache(lambda: tensor_batches(train_shard, bs, label_dtype, pin=pin, rng=block_rng), device, bs,
+                            True, budget, seed=spec.train.seed + rank)
     val_data = EpochCache(lambda: tensor_batches(val_ds, bs * 4, label_dtype, (rank, world), pin), device, bs * 4,
                           False, budget // 4)
     for epoch in range(start, spec.train.epochs + 1):
