@@ -7,6 +7,11 @@ optimizer and thread count:
   2 workers/1 worker  Ray Train throughput with 2 workers ÷ with 1
 Throughput is steady state (the first epoch warms up and is not counted). The fixed cost of a run is
 its wall time minus epochs × the steady epoch time: Ray start, worker group, data planning, eval, checkpoints.
+
+A shared machine drifts by several percent within a minute (epochs of one loop measured here ranged
+over ±10%), so the two loops of raydata/memory alternate epoch by epoch, and platform/plain alternates
+whole measurements: plain, platform, plain, platform, plain; the ratio is of the means, and every figure
+goes in the result's note.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from orchard.bench.synthetic import load_split, write_prepared
 from orchard.config import JobSpec
 from orchard.models import model_from_manifest
 
-BATCH, EPOCHS, THREADS = 256, 3, 1
+BATCH, EPOCHS, THREADS, REPEATS = 256, 4, 1, 2
 CASES = {
     "mlp": ({"family": "mlp", "hidden": [256, 256], "dropout": 0.0}, 120_000, None),
     "cnn": ({"family": "cnn", "channels": [16, 32], "hidden": [64], "dropout": 0.0}, 24_000, [1, 8, 8]),
@@ -44,18 +49,24 @@ def _spec(model: dict, workers: int, storage: Path) -> JobSpec:
 
 def _plain_epochs(model: nn.Module, batches_fn, epochs: int) -> list[tuple[int, float]]:
     """The baseline: the loop anyone writes first. Returns (samples, seconds) per epoch."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return _alternating([(model, batches_fn)], epochs)[0]
+
+
+def _alternating(loops: list[tuple[nn.Module, object]], epochs: int) -> list[list[tuple[int, float]]]:
+    """Epoch 1 of every loop, then epoch 2 of every loop...: (samples, seconds) per epoch, per loop."""
     loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    out = []
+    opts = [torch.optim.Adam(model.parameters(), lr=1e-3) for model, _ in loops]
+    out: list[list[tuple[int, float]]] = [[] for _ in loops]
     for _ in range(epochs):
-        n, t0 = 0, time.perf_counter()
-        for x, y in batches_fn():
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            opt.step()
-            n += len(y)
-        out.append((n, time.perf_counter() - t0))
+        for i, ((model, batches_fn), opt) in enumerate(zip(loops, opts, strict=True)):
+            model.train()
+            n, t0 = 0, time.perf_counter()
+            for x, y in batches_fn():
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x), y).backward()
+                opt.step()
+                n += len(y)
+            out[i].append((n, time.perf_counter() - t0))
     return out
 
 
@@ -78,8 +89,9 @@ def _raydata_batches(prepared):
     from orchard.train.feed import read_split, tensor_batches
 
     ds = read_split(str(prepared.split_path("train").resolve()), prepared.manifest["counts"]["train"],
-                    prepared.manifest["feature_dim"], shuffle_blocks=True)
-    return lambda: tensor_batches(ds, BATCH)
+                    prepared.manifest["feature_dim"], shuffle_files=True)
+    rng = np.random.default_rng(0)
+    return lambda: tensor_batches(ds, BATCH, rng=rng)
 
 
 def _platform(spec: JobSpec, prepared) -> tuple[float, float]:
@@ -104,24 +116,33 @@ def run(progress=print) -> list[Result]:
     with tempfile.TemporaryDirectory(prefix="orchard-bench-") as tmp:
         for name, (model_cfg, rows, shape) in CASES.items():
             prepared = write_prepared(Path(tmp, name), rows, 64, 10, shape)
-            spec = _spec(model_cfg, 1, Path(tmp, "ray"))
+            spec = _spec(model_cfg, 1, Path(tmp, "unused"))
             x, y = (torch.from_numpy(a) for a in load_split(prepared, "train"))
             torch.manual_seed(0)
-            plain = _steady(_plain_epochs(model_from_manifest(spec.model, prepared.manifest),
-                                          _memory_batches(x, y), EPOCHS))
-            progress(f"{name}: plain loop {plain:,.0f} samples/s")
-            fed = _steady(_plain_epochs(model_from_manifest(spec.model, prepared.manifest),
-                                        _raydata_batches(prepared), EPOCHS))
-            progress(f"{name}: Ray Data fed loop {fed:,.0f} samples/s")
-            ours, fixed = _platform(spec, prepared)
-            progress(f"{name}: platform (Ray Train, 1 worker) {ours:,.0f} samples/s, fixed cost {fixed:.1f} s")
+            mem_epochs, fed_epochs = _alternating(
+                [(model_from_manifest(spec.model, prepared.manifest), _memory_batches(x, y)),
+                 (model_from_manifest(spec.model, prepared.manifest), _raydata_batches(prepared))], EPOCHS + 1)
+            plain, fed = _steady(mem_epochs), _steady(fed_epochs)
+            progress(f"{name}: plain loop {plain:,.0f} samples/s, Ray Data fed loop {fed:,.0f} samples/s")
+            plains, runs = [plain], []
+            for i in range(REPEATS):
+                # A fresh storage folder: a run name seen before would resume its finished checkpoint.
+                runs.append(_platform(_spec(model_cfg, 1, Path(tmp, f"ray-{name}-{i}")), prepared))
+                plains.append(_steady(_plain_epochs(model_from_manifest(spec.model, prepared.manifest),
+                                                    _memory_batches(x, y), EPOCHS)))
+            ours, fixed = float(np.mean([r for r, _ in runs])), float(np.mean([f for _, f in runs]))
+            base = float(np.mean(plains))
+            progress(f"{name}: platform (Ray Train, 1 worker) {', '.join(f'{r:,.0f}' for r, _ in runs)} samples/s, "
+                     f"fixed cost {fixed:.1f} s; plain loop {', '.join(f'{p:,.0f}' for p in plains)} samples/s")
             results += [
-                Result(name, "platform / plain loop", "samples/s", ours, plain, ours / plain),
+                Result(name, "platform / plain loop", "samples/s", ours, base, ours / base,
+                       note="alternating: plain " + ", ".join(f"{p:,.0f}" for p in plains)
+                       + "; platform " + ", ".join(f"{r:,.0f}" for r, _ in runs)),
                 Result(name, "Ray Data fed / in-memory fed", "samples/s", fed, plain, fed / plain),
                 Result(name, "fixed cost of a run", "s", fixed, note="wall − epochs × steady epoch"),
             ]
             if name == "mlp":
-                two, _ = _platform(_spec(model_cfg, 2, Path(tmp, "ray")), prepared)
+                two, _ = _platform(_spec(model_cfg, 2, Path(tmp, "ray-2-workers")), prepared)
                 progress(f"{name}: platform, 2 workers {two:,.0f} samples/s")
                 results.append(Result(name, "2 workers / 1 worker", "samples/s", two, ours, two / ours))
     return results
