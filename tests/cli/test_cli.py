@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.net import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -49,14 +51,6 @@ def test_a_missing_spec_file_exits_2(tmp_path):
     assert "nope.yaml" in out.stdout
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ui_serves_mlflow_dashboard_on_the_job_store(tmp_path):
     import time
@@ -67,7 +61,7 @@ def test_ui_serves_mlflow_dashboard_on_the_job_store(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     JobRun(JobSpec(name="ui-check", kind="train", tracking={"uri": uri})).finish()
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "orchard.cli", "ui", "--port", str(port),
                              "--backend-store-uri", uri], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

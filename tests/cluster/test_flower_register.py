@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,10 @@ import pytest
 import yaml
 
 from tests.cluster.test_compose import SECRETS, _compose
+from tests.net import free_port, listening, wait_for
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_certs(command: list[str], root: Path) -> None:
@@ -54,21 +48,6 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def _wait_for(predicate, what: str, log: Path, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"no {what} after {timeout_s} s: {log.read_text()[-3000:]}"
-        time.sleep(0.3)
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), 1).close()
-        return True
-    except OSError:
-        return False
-
-
 def _mapped(argv: list[str], root: Path, port: int) -> list[str]:
     out = [a.replace("/certs/", f"{root}/") for a in argv]
     out = [re.sub(r"^superlink:\d+$", f"127.0.0.1:{port}", a) for a in out]
@@ -90,14 +69,14 @@ def test_flower_services_admit_exactly_the_registered_supernodes(tmp_path):
     assert (root / "certs" / "ca.crt").read_bytes() == ca  # ... and must not rotate the CA
     make_node_keys(root / "keys", "client_2")  # a key pair that is never registered
 
-    port = _free_port()
+    port = free_port()
     superlink_log = tmp_path / "superlink.log"
     argv = _mapped(services["superlink"]["command"], root, port)
     argv[argv.index("--database") + 1] = str(tmp_path / "superlink.db")
     superlink = _start(argv, superlink_log)
     nodes: list[subprocess.Popen] = []
     try:
-        _wait_for(lambda: _listening(port), "SuperLink", superlink_log)
+        wait_for(lambda: listening(port), "SuperLink", superlink_log)
         script = services["flower-register"]["command"][2].replace("$$", "$").replace("/certs/", f"{root}/")
         script = re.sub(r"superlink:\d+", f"127.0.0.1:{port}", script)
         env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "FLWR_HOME": str(tmp_path / "flwr")}
@@ -112,11 +91,11 @@ def test_flower_services_admit_exactly_the_registered_supernodes(tmp_path):
         def supernode(i: int) -> subprocess.Popen:
             argv = [a.replace("client_0", f"client_{i}") for a in services["supernode-0"]["command"]]
             argv = _mapped(argv, root, port)
-            argv[argv.index("--port") + 1] = str(_free_port())  # its own local Runtime API
+            argv[argv.index("--port") + 1] = str(free_port())  # its own local Runtime API
             return _start(argv, tmp_path / f"supernode-{i}.log")
 
         nodes = [supernode(0), supernode(2)]
-        _wait_for(lambda: "Activated node_id" in superlink_log.read_text(), "activated SuperNode", superlink_log)
+        wait_for(lambda: "Activated node_id" in superlink_log.read_text(), "activated SuperNode", superlink_log)
         time.sleep(5)  # give the unregistered node the same chance to get in
         assert superlink_log.read_text().count("Activated node_id") == 1
     finally:

@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,15 +26,10 @@ import pytest
 import yaml
 
 from tests.cluster.test_compose import SECRETS, _compose
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URI = os.environ.get("ORCHARD_TEST_PG_URI", "postgresql://orchard:orchard@127.0.0.1:5432/orchard")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _image_auth_ini(auth_dir: Path) -> str:
@@ -93,7 +87,7 @@ def mlflow_service(tmp_path):
     argv[argv.index("--backend-store-uri") + 1] = backend.set(
         host=pg.host, port=pg.port, username=pg.username, database=database).render_as_string(hide_password=False)
     argv[argv.index("--artifacts-destination") + 1] = str(tmp_path / "bucket")
-    port = _free_port()
+    port = free_port()
     argv[argv.index("--port") + 1] = str(port)
     argv[argv.index("--host") + 1] = "127.0.0.1"
     argv[0] = str(Path(sys.executable).with_name("mlflow"))

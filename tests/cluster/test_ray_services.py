@@ -14,11 +14,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,14 +26,9 @@ import pytest
 import yaml
 
 from tests.cluster.test_compose import SECRETS, _compose
+from tests.net import free_port, wait_for
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, token: str | None) -> tuple[int, bytes]:
@@ -54,13 +47,6 @@ def _alive_nodes(dashboard: str) -> int:
     if status != 200:
         return 0
     return sum(n["raylet"]["state"] == "ALIVE" for n in json.loads(body)["data"]["summary"])
-
-
-def _wait_for(predicate, what: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
-        time.sleep(0.5)
 
 
 def _native(argv: list[str], replace: dict[str, str], extra: list[str]) -> list[str]:
@@ -95,19 +81,19 @@ def test_ray_services_form_a_token_protected_cluster(ray_tmp):
     tmp, procs = ray_tmp
     services = yaml.safe_load(_compose("config", env=SECRETS).stdout)["services"]
     head, worker = services["ray-head"], services["ray-worker"]
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     env = {**os.environ, **head["environment"], "RAY_TMPDIR": tmp, "PATH": f"{BIN}:{os.environ['PATH']}"}
     assert env["RAY_AUTH_MODE"] == "token"
 
     replace = {"--port=6379": f"--port={gcs}", "--dashboard-port=8265": f"--dashboard-port={dash}",
                "--dashboard-host=0.0.0.0": "--dashboard-host=127.0.0.1",
                "--address=ray-head:6379": f"--address=127.0.0.1:{gcs}"}
-    agent = [f"--dashboard-agent-listen-port={_free_port()}"]
+    agent = [f"--dashboard-agent-listen-port={free_port()}"]
     procs.append(subprocess.Popen(_native(head["command"], replace, agent), env=env, start_new_session=True,
                                   stdout=open(f"{tmp}/head.log", "wb"), stderr=subprocess.STDOUT))
     healthcheck = [a.replace("127.0.0.1:8265", f"127.0.0.1:{dash}") for a in head["healthcheck"]["test"][1:]]
     healthcheck[0] = str(BIN / healthcheck[0])
-    _wait_for(lambda: subprocess.run(healthcheck, env=env, capture_output=True, timeout=30).returncode == 0,
+    wait_for(lambda: subprocess.run(healthcheck, env=env, capture_output=True, timeout=30).returncode == 0,
               "healthy head (the compose healthcheck command)")
     wrong = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
     assert subprocess.run(healthcheck, env=wrong, capture_output=True, timeout=30).returncode != 0
@@ -117,8 +103,8 @@ def test_ray_services_form_a_token_protected_cluster(ray_tmp):
     assert _get(f"{dashboard}/api/jobs/", "not-the-token")[0] == 403
 
     worker_env = {**env, **worker["environment"]}
-    agent = [f"--dashboard-agent-listen-port={_free_port()}"]
+    agent = [f"--dashboard-agent-listen-port={free_port()}"]
     procs.append(subprocess.Popen(_native(worker["command"], replace, agent), env=worker_env,
                                   start_new_session=True, stdout=open(f"{tmp}/worker.log", "wb"),
                                   stderr=subprocess.STDOUT))
-    _wait_for(lambda: _alive_nodes(dashboard) == 2, "worker joining the head")
+    wait_for(lambda: _alive_nodes(dashboard) == 2, "worker joining the head")

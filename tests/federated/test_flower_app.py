@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from orchard.config import load_spec
-from tests.federated.test_deployment import BIN, Processes, flwr, free_port, listening, wait_for
+from tests.federated.test_deployment import BIN, Processes, flwr
+from tests.net import free_port, listening, wait_for
 
 SPEC = {"name": "fed-app", "kind": "federated", "model": {"family": "mlp", "hidden": [64]},
         "train": {"batch_size": 32, "lr": 3e-3},

@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -22,24 +20,12 @@ import psutil
 import pytest
 
 from orchard.remote import services
+from tests.net import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PG = os.environ.get("ORCHARD_TEST_PG_URI", "postgresql://orchard:orchard@127.0.0.1:5432/orchard")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(predicate, what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
-        time.sleep(0.5)
 
 
 def _up(url: str) -> bool:
@@ -68,13 +54,13 @@ class Stack:
         env = {**os.environ, "RAY_TMPDIR": self.tmp, "PATH": f"{BIN}:{os.environ['PATH']}",
                "RAY_USAGE_STATS_ENABLED": "0", **(extra_env or {})}
         env.pop("RAY_ADDRESS", None)
-        gcs, dash = _free_port(), _free_port()
-        agent = [f"--dashboard-agent-listen-port={_free_port()}"]
+        gcs, dash = free_port(), free_port()
+        agent = [f"--dashboard-agent-listen-port={free_port()}"]
         self.start(services.ray_head(port=gcs, dashboard_port=dash, num_cpus=2) + agent, env, f"head-{gcs}.log")
         for i in range(nodes - 1):
             # Its own temp dir, as a separate machine would have: nodes sharing one would unpack each
             # job's working_dir into the same folder, deleting it under the running driver.
-            agent = [f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={self.tmp}/w{gcs % 1000}{i}"]
+            agent = [f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.tmp}/w{gcs % 1000}{i}"]
             self.start(services.ray_worker(f"127.0.0.1:{gcs}", num_cpus=2) + agent, env, f"worker-{gcs}-{i}.log")
         return f"http://127.0.0.1:{dash}"
 
@@ -123,13 +109,13 @@ def pg_database():
 def stack(pg_database):
     s = Stack()
     try:
-        port = _free_port()
+        port = free_port()
         s.start(services.mlflow_server(pg_database, f"{s.tmp}/artifacts", port=port),
                 {**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{port},localhost:{port}"}, "mlflow.log")
         s.mlflow = f"http://127.0.0.1:{port}"
         s.dashboard = s.ray_cluster()
-        _wait_for(lambda: _up(f"{s.mlflow}/health"), "MLflow server")
-        _wait_for(lambda: _nodes_alive(s.dashboard) == 2, "2 alive Ray nodes")
+        wait_for(lambda: _up(f"{s.mlflow}/health"), "MLflow server")
+        wait_for(lambda: _nodes_alive(s.dashboard) == 2, "2 alive Ray nodes")
         yield s
     finally:
         s.close()
@@ -180,8 +166,8 @@ def test_stop_logs_and_list(stack):
     out = orchard("submit", "jobs/digits-cnn.yaml", "--address", stack.dashboard, "--set", "train.epochs=200")
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = next(w for w in out.stdout.split() if w.startswith("raysubmit_"))
-    _wait_for(lambda: orchard("jobs", "status", job_id, "--address", stack.dashboard).stdout.strip() == "RUNNING",
-              "running job", 60)
+    wait_for(lambda: orchard("jobs", "status", job_id, "--address", stack.dashboard).stdout.strip() == "RUNNING",
+              "running job", timeout_s=60)
     listed = orchard("jobs", "list", "--address", stack.dashboard)
     assert job_id in listed.stdout
     stopped = orchard("jobs", "stop", job_id, "--address", stack.dashboard)
@@ -198,7 +184,7 @@ def test_token_auth_refuses_a_submission_without_the_token_and_accepts_it_with(s
     secure = Stack()
     try:
         dashboard = secure.ray_cluster({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, nodes=1)
-        _wait_for(lambda: _nodes_alive(dashboard, token) == 1, "token-protected head")
+        wait_for(lambda: _nodes_alive(dashboard, token) == 1, "token-protected head")
         without = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
         refused = subprocess.run([str(BIN / "orchard"), "submit", "jobs/digits-cnn.yaml", "--address", dashboard],
                                  cwd=ROOT, env=without, capture_output=True, text=True, timeout=120)
