@@ -13,23 +13,14 @@ import pytest
 
 from orchard.config import SpecError, validate_spec
 
+pytestmark = pytest.mark.usefixtures("server_identity")
+
 DIM = 64 * 10 + 10  # one Linear(64, 10): enough elements to measure the noise's stddev
 
 
 def _spec(privacy: dict, clients: int = 10, **federated):
     return validate_spec({"name": "p", "kind": "federated",
                           "federated": {"clients": clients, "rounds": 3, "privacy": privacy, **federated}})
-
-
-@pytest.fixture(autouse=True)
-def _server_identity():
-    """What a ServerApp process has set before it builds messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def _global():

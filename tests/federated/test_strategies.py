@@ -13,6 +13,8 @@ from torch import nn
 
 from orchard.config import STRATEGIES, SpecError, validate_spec
 
+pytestmark = pytest.mark.usefixtures("server_identity")
+
 TINY = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
 
 
@@ -20,17 +22,6 @@ def _spec(name: str, clients: int = 6, **federated):
     return validate_spec({"name": "s", "kind": "federated", "train": {"lr": 0.1},
                           "federated": {"clients": clients, "rounds": 2, "strategy": {"name": name, "num_selected": 2},
                                         **federated}})
-
-
-@pytest.fixture(autouse=True)
-def _server_identity():
-    """What a ServerApp process has set before it builds messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def _replies(global_sd, n, shift=0.1, edit=None):
