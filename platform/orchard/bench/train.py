@@ -107,7 +107,8 @@ def _platform(spec: JobSpec, prepared) -> tuple[float, float]:
     return rate, wall - len(epochs) * steady_epoch
 
 
-def run(progress=print) -> list[Result]:
+def run(progress=print, scale: float = 1.0) -> list[Result]:
+    """Every case and ratio; ``scale`` shrinks the row counts (a smoke run, not a measurement)."""
     from orchard.train.launcher import init_ray
 
     torch.set_num_threads(THREADS)
@@ -115,7 +116,7 @@ def run(progress=print) -> list[Result]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="orchard-bench-") as tmp:
         for name, (model_cfg, rows, shape) in CASES.items():
-            prepared = write_prepared(Path(tmp, name), rows, 64, 10, shape)
+            prepared = write_prepared(Path(tmp, name), max(2_000, int(rows * scale)), 64, 10, shape)
             spec = _spec(model_cfg, 1, Path(tmp, "unused"))
             x, y = (torch.from_numpy(a) for a in load_split(prepared, "train"))
             torch.manual_seed(0)
