@@ -108,11 +108,26 @@ def _platform(spec: JobSpec, prepared) -> tuple[float, float]:
 
 
 def run(progress=print, scale: float = 1.0) -> list[Result]:
-    """Every case and ratio; ``scale`` shrinks the row counts (a smoke run, not a measurement)."""
+    """Every case and ratio; ``scale`` shrinks the row counts (a smoke run, not a measurement).
+
+    Leaves the process as it found it: its torch thread count, and no Ray instance it started itself.
+    """
+    import ray
+
     from orchard.train.launcher import init_ray
 
+    threads, started = torch.get_num_threads(), not ray.is_initialized()
     torch.set_num_threads(THREADS)
     init_ray(2 * THREADS + 1)
+    try:
+        return _cases(progress, scale)
+    finally:
+        torch.set_num_threads(threads)
+        if started:
+            ray.shutdown()
+
+
+def _cases(progress, scale: float) -> list[Result]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="orchard-bench-") as tmp:
         for name, (model_cfg, rows, shape) in CASES.items():
