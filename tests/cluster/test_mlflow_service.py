@@ -13,7 +13,6 @@ import base64
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import pytest
 import yaml
 
 from tests.cluster.test_compose import SECRETS, _compose
-from tests.net import free_port
+from tests.net import free_port, stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URI = os.environ.get("ORCHARD_TEST_PG_URI", "postgresql://orchard:orchard@127.0.0.1:5432/orchard")
@@ -109,12 +108,7 @@ def mlflow_service(tmp_path):
             time.sleep(0.5)
         yield port, tmp_path / "auth"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_group(proc)
         _pg_admin(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 

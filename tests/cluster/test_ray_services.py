@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,12 +20,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
 from tests.cluster.test_compose import SECRETS, _compose
-from tests.net import free_port, wait_for
+from tests.net import free_port, kill_strays, stop_group, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -61,18 +59,8 @@ def ray_tmp():
     tmp = tempfile.mkdtemp(prefix="orc-ray-", dir="/tmp")
     procs: list[subprocess.Popen] = []
     yield tmp, procs
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    # Ray's daemons outlive `ray start` if it dies badly; they are ours when they name our temp dir.
-    for p in psutil.process_iter(["cmdline"]):
-        if any(tmp in arg for arg in p.info["cmdline"] or []):
-            p.kill()
+    stop_group(*procs)
+    kill_strays(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

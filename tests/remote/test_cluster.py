@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,11 +15,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
 from orchard.remote import services
-from tests.net import free_port, wait_for
+from tests.net import free_port, kill_strays, stop_group, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,17 +63,8 @@ class Stack:
         return f"http://127.0.0.1:{dash}"
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        for p in psutil.process_iter(["cmdline"]):
-            if any(self.tmp in arg for arg in p.info["cmdline"] or []):
-                p.kill()
+        stop_group(*self.procs)
+        kill_strays(self.tmp)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

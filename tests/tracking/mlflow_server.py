@@ -8,7 +8,6 @@ a test can take the server away in the middle of a job and bring the same one ba
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from orchard.remote.services import mlflow_server
-from tests.net import free_port
+from tests.net import free_port, stop_group
 
 
 class MlflowServer:
@@ -75,12 +74,7 @@ class MlflowServer:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_group(self.proc)
         deadline = time.monotonic() + 30
         while self.healthy() and time.monotonic() < deadline:  # a straggling worker may hold the port
             time.sleep(0.2)
