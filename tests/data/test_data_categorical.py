@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from orchard.config import ModelSpec, SpecError
+from orchard.config import JobSpec, SpecError
 from orchard.data import prepare
-from orchard.models import model_from_manifest
+from orchard.models import build_model
 from tests.data.prep_helpers import read_split, write_csv
 
 CITIES = ["oslo", "lima", "pune", "kobe"]
@@ -49,8 +49,9 @@ def test_categories_are_indexed_from_the_training_split_only(spark, tmp_path, ma
 def test_the_mlp_embeds_categories_and_learns_from_them(spark, tmp_path, make_spec):
     path = write_csv(tmp_path / "t.csv", ["x", "city", "plan", "label"], _table(600))
     prepared = prepare(make_spec(source=str(path), categorical=["city", "plan"], normalize="standard"))
-    model = model_from_manifest(ModelSpec(family="mlp", hidden=[16], dropout=0.0), prepared.manifest,
-                                loss="cross_entropy")
+    job = JobSpec.model_validate({"name": "t", "kind": "train", "model": {"family": "mlp", "hidden": [16], "dropout": 0.0},
+                                  "train": {"loss": "cross_entropy"}})
+    model = build_model(job, prepared.manifest)
     assert [e.num_embeddings for e in model.embeddings] == [c["cardinality"] for c in prepared.manifest["categorical"]]
     x, y = (torch.from_numpy(a) for a in read_split(prepared, "train"))
     opt = torch.optim.Adam(model.parameters(), lr=0.03)
@@ -66,7 +67,7 @@ def test_the_mlp_embeds_categories_and_learns_from_them(spark, tmp_path, make_sp
 def test_categorical_with_a_sequence_model_is_refused():
     manifest = {"feature_dim": 3, "num_classes": 2, "categorical": [{"cardinality": 5}]}
     with pytest.raises(ValueError, match="model.family=mlp"):
-        model_from_manifest(ModelSpec(family="rnn"), manifest)
+        build_model(JobSpec.model_validate({"name": "t", "kind": "train", "model": {"family": "rnn"}}), manifest)
 
 
 def test_an_unknown_categorical_column_is_named(tmp_path, make_spec):

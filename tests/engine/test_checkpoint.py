@@ -6,12 +6,12 @@ import torch
 from orchard.config import ModelSpec, TrainSpec
 from orchard.engine import build_optimizer
 from orchard.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from orchard.models import build_model
+from orchard.models import build_from_dims
 
 
 def _model_and_opt(kind="adamw"):
     torch.manual_seed(0)
-    model = build_model(ModelSpec(family="mlp", hidden=[8]), 4, 3, None)
+    model = build_from_dims(ModelSpec(family="mlp", hidden=[8]), 4, 3, None)
     return model, build_optimizer(model, TrainSpec(optimizer=kind))
 
 

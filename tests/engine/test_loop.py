@@ -6,7 +6,7 @@ import torch
 from orchard.config import EarlyStoppingSpec, ModelSpec, TrainSpec
 from orchard.engine import LoopOptions, build_optimizer, build_scheduler, evaluate, train_epoch
 from orchard.engine.early_stopping import EarlyStopper
-from orchard.models import build_model
+from orchard.models import build_from_dims
 
 
 def _data(n=256, seed=0):
@@ -18,7 +18,7 @@ def _data(n=256, seed=0):
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    return build_model(ModelSpec(family="mlp", hidden=[32], dropout=0.0), 16, 3, None)
+    return build_from_dims(ModelSpec(family="mlp", hidden=[32], dropout=0.0), 16, 3, None)
 
 
 def test_a_few_epochs_learn_a_simple_rule():

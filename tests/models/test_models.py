@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from orchard.config import ModelSpec
-from orchard.models import build_model
+from orchard.config import JobSpec, ModelSpec
+from orchard.models import build_from_dims, build_model
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn"])
@@ -10,7 +10,7 @@ from orchard.models import build_model
 @pytest.mark.parametrize("act", ["relu", "gelu", "silu", "tanh", "sigmoid", "leaky_relu"])
 def test_families_map_rows_to_class_logits(family, norm, act):
     spec = ModelSpec(family=family, norm=norm, activation=act, hidden=[16], channels=[4, 8])
-    model = build_model(spec, 64, 10, [1, 8, 8])
+    model = build_from_dims(spec, 64, 10, [1, 8, 8])
     out = model(torch.randn(5, 64))
     assert out.shape == (5, 10)
     out.sum().backward()  # every family is trainable end to end
@@ -19,16 +19,16 @@ def test_families_map_rows_to_class_logits(family, norm, act):
 
 def test_cnn_without_image_shape_is_refused():
     with pytest.raises(ValueError, match="image_shape"):
-        build_model(ModelSpec(family="cnn"), 64, 10, None)
+        build_from_dims(ModelSpec(family="cnn"), 64, 10, None)
 
 
 def test_cnn_with_wrong_image_shape_is_refused():
     with pytest.raises(ValueError, match="holds 49 values"):
-        build_model(ModelSpec(family="cnn"), 64, 10, [1, 7, 7])
+        build_from_dims(ModelSpec(family="cnn"), 64, 10, [1, 7, 7])
 
 
 def test_dropout_is_active_only_in_training():
-    model = build_model(ModelSpec(family="mlp", dropout=0.5, hidden=[64]), 8, 2, None)
+    model = build_from_dims(ModelSpec(family="mlp", dropout=0.5, hidden=[64]), 8, 2, None)
     x = torch.randn(4, 8)
     model.eval()
     assert torch.equal(model(x), model(x))
@@ -47,7 +47,7 @@ def test_sequence_models_read_a_row_as_steps(cfg):
 
     spec = ModelSpec(hidden=[16], **cfg)
     assert sequence_shape(64, [1, 8, 8]) == (8, 8)
-    model = build_model(spec, 64, 10, [1, 8, 8])
+    model = build_from_dims(spec, 64, 10, [1, 8, 8])
     out = model(torch.randn(3, 64))
     assert out.shape == (3, 10)
     out.sum().backward()
@@ -59,10 +59,8 @@ def test_transformer_heads_must_divide_width():
 
 
 def test_regression_model_predicts_in_target_units():
-    from orchard.models import model_from_manifest
-
     manifest = {"feature_dim": 4, "num_classes": 0, "task": "regression", "target_stats": {"mean": 150.0, "std": 50.0}}
-    model = model_from_manifest(ModelSpec(hidden=[8]), manifest)
+    model = build_model(JobSpec.model_validate({"name": "t", "kind": "train", "model": {"hidden": [8]}}), manifest)
     torch.nn.init.zeros_(model.body.head.weight)
     torch.nn.init.zeros_(model.body.head.bias)
     assert torch.allclose(model(torch.randn(2, 4)), torch.full((2, 1), 150.0))

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from orchard.config import JobSpec
 from orchard.engine.checkpoint import load_checkpoint
-from orchard.models import model_from_manifest
+from orchard.models import build_model
 
 pytestmark = pytest.mark.slow
 EPOCHS, KILL_IN = 6, 3
@@ -129,7 +129,7 @@ def test_without_retries_a_killed_worker_fails_the_run_cleanly(tmp_path, data_ro
 
     prepared = load_manifest(next(p.parent for p in data_root.glob("*/manifest.json")))
     for ckpt in checkpoints:
-        state = load_checkpoint(ckpt, model_from_manifest(spec.model, prepared.manifest))
+        state = load_checkpoint(ckpt, build_model(spec, prepared.manifest))
         assert 1 <= state["epoch"] < EPOCHS
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from orchard.bench import Result
 from orchard.bench.synthetic import write_prepared
 from orchard.config import JobSpec
-from orchard.models import model_from_manifest
+from orchard.models import build_model
 
 CLIENTS, ROUNDS, ROWS_PER_CLIENT, DIM, CLASSES = 100, 4, 200, 64, 10
 BATCH, LR = 32, 1e-3
@@ -89,7 +89,7 @@ def _plain(spec: JobSpec, prepared) -> tuple[float, float, float]:
 
     parts = write_partitions(prepared, spec.federated)
     data = [tuple(map(torch.from_numpy, read_xy([client_file(parts.folder, c)], DIM))) for c in range(CLIENTS)]
-    model = model_from_manifest(spec.model, prepared.manifest)
+    model = build_model(spec, prepared.manifest)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     loss_fn = nn.CrossEntropyLoss()
     ends = []

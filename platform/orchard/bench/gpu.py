@@ -19,7 +19,7 @@ from orchard.bench import Result
 from orchard.bench.synthetic import load_split, write_prepared
 from orchard.bench.train import _steady
 from orchard.config import JobSpec
-from orchard.models import model_from_manifest
+from orchard.models import build_model
 
 LAYERS, D, HEADS, SEQ, FEATS, BATCH, EPOCHS, ROWS = 8, 512, 8, 256, 16, 64, 3, 64 * 150
 # (tag, torch.compile, train.cache): cache "none" streams every epoch through Ray Data.
@@ -50,7 +50,7 @@ def _plain(spec: JobSpec, prepared, compile_: bool) -> float:
     x, y = (torch.from_numpy(a) for a in load_split(prepared, "train"))
     x, y = x.to(dev), y.to(dev)  # the fastest possible feed: everything already on the GPU
     torch.manual_seed(0)
-    model = model_from_manifest(spec.model, prepared.manifest, spec.data.sequence_shape).to(dev)
+    model = build_model(spec, prepared.manifest).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     step_model = torch.compile(model) if compile_ else model
     loss_fn = nn.CrossEntropyLoss()
@@ -82,8 +82,7 @@ def run(progress=print) -> list[Result]:
     results = []
     with tempfile.TemporaryDirectory(prefix="orchard-gpu-bench-") as tmp:
         prepared = write_prepared(Path(tmp, "data"), ROWS, SEQ * FEATS, 10, None, files=8)
-        flops = _flops_per_sample(model_from_manifest(_spec(Path(tmp), False).model, prepared.manifest,
-                                                      [SEQ, FEATS]))
+        flops = _flops_per_sample(build_model(_spec(Path(tmp), False), prepared.manifest))
         plain = {}
         for tag, compile_, cache in VARIANTS:
             if compile_ not in plain:

@@ -27,7 +27,7 @@ from torch import nn
 from orchard.bench import Result
 from orchard.bench.synthetic import load_split, write_prepared
 from orchard.config import JobSpec
-from orchard.models import model_from_manifest
+from orchard.models import build_model
 
 BATCH, EPOCHS, THREADS, REPEATS = 256, 4, 1, 2
 CASES = {
@@ -136,15 +136,15 @@ def _cases(progress, scale: float) -> list[Result]:
             x, y = (torch.from_numpy(a) for a in load_split(prepared, "train"))
             torch.manual_seed(0)
             mem_epochs, fed_epochs = _alternating(
-                [(model_from_manifest(spec.model, prepared.manifest), _memory_batches(x, y)),
-                 (model_from_manifest(spec.model, prepared.manifest), _raydata_batches(prepared))], EPOCHS + 1)
+                [(build_model(spec, prepared.manifest), _memory_batches(x, y)),
+                 (build_model(spec, prepared.manifest), _raydata_batches(prepared))], EPOCHS + 1)
             plain, fed = _steady(mem_epochs), _steady(fed_epochs)
             progress(f"{name}: plain loop {plain:,.0f} samples/s, Ray Data fed loop {fed:,.0f} samples/s")
             plains, runs = [plain], []
             for i in range(REPEATS):
                 # A fresh storage folder: a run name seen before would resume its finished checkpoint.
                 runs.append(_platform(_spec(model_cfg, 1, Path(tmp, f"ray-{name}-{i}")), prepared))
-                plains.append(_steady(_plain_epochs(model_from_manifest(spec.model, prepared.manifest),
+                plains.append(_steady(_plain_epochs(build_model(spec, prepared.manifest),
                                                     _memory_batches(x, y), EPOCHS)))
             ours, fixed = float(np.mean([r for r, _ in runs])), float(np.mean([f for _, f in runs]))
             base = float(np.mean(plains))

@@ -19,7 +19,7 @@ from orchard.engine import LoopOptions, build_optimizer, make_task, seed_everyth
 from orchard.federated.attacks import act_out, fault_for, flip_labels, malicious_clients, poison
 from orchard.federated.partitions import client_file, label_dtype, read_xy
 from orchard.federated.strategies import ARRAYS_KEY, CLIENT_KEY, METRICS_KEY
-from orchard.models import model_from_manifest
+from orchard.models import build_model
 
 CONFIG_KEY = "config"
 
@@ -80,7 +80,7 @@ def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, c
 
 
 def _global_model(spec: JobSpec, manifest: dict, msg: Message) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    model = model_from_manifest(spec.model, manifest, spec.data.sequence_shape, spec.train.loss)
+    model = build_model(spec, manifest)
     global_sd = msg.content[ARRAYS_KEY].to_torch_state_dict()
     model.load_state_dict(global_sd)
     return model, global_sd

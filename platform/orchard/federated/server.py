@@ -30,7 +30,7 @@ from orchard.federated.strategies import (
     client_lr,
     num_sampled,
 )
-from orchard.models import model_from_manifest
+from orchard.models import build_model
 
 
 class FederationError(RuntimeError):
@@ -78,7 +78,7 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> None:
 
 
 def global_model(spec: JobSpec, manifest: dict) -> torch.nn.Module:
-    return model_from_manifest(spec.model, manifest, spec.data.sequence_shape, spec.train.loss)
+    return build_model(spec, manifest)
 
 
 def central_evaluator(spec: JobSpec, manifest: dict, test_xy: tuple[torch.Tensor, torch.Tensor]

@@ -19,7 +19,7 @@ from torch import nn
 from orchard.config import JobSpec
 from orchard.data.manifest import PreparedData
 from orchard.engine.checkpoint import load_checkpoint
-from orchard.models import model_from_manifest
+from orchard.models import build_model
 from orchard.tracking import RunLogger
 
 log = logging.getLogger("orchard.train")
@@ -156,7 +156,7 @@ def _collect(spec: JobSpec, prepared: PreparedData, checkpoint, test_file: str) 
 
     from orchard.train.worker import BEST_FILE
 
-    model = model_from_manifest(spec.model, prepared.manifest, spec.data.sequence_shape, spec.train.loss)
+    model = build_model(spec, prepared.manifest)
     with checkpoint.as_directory() as d:
         state = load_checkpoint(d, model)
         if Path(d, BEST_FILE).is_file():

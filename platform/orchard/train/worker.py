@@ -26,7 +26,7 @@ from orchard.engine import LoopOptions, build_optimizer, evaluate, make_task, se
 from orchard.engine.cache import EpochCache, cache_budget
 from orchard.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from orchard.engine.early_stopping import EarlyStopper
-from orchard.models import model_from_manifest
+from orchard.models import build_model
 from orchard.train.feed import tensor_batches
 
 TEST_FILE = "test.json"
@@ -45,7 +45,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     task = make_task(manifest, spec.train, manifest.get("class_counts"))
     task.loss_fn.to(device)
-    model = model_from_manifest(spec.model, manifest, spec.data.sequence_shape, spec.train.loss)
+    model = build_model(spec, manifest)
     model = ray.train.torch.prepare_model(model, parallel_strategy=spec.scaling.strategy)
     if spec.train.compile:
         model = torch.compile(model)
