@@ -125,6 +125,10 @@ def _read_table(files: Sequence[Path], columns: list[str]) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
 
 
+def _features(table: pa.Table, feature_dim: int) -> np.ndarray:
+    return feature_matrix(table.column(FEATURES_COL)).reshape(-1, feature_dim)
+
+
 def read_xy(files: Sequence[Path], feature_dim: int, labels_as: type | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Features (n, feature_dim) float32 and labels (n,) as ``labels_as`` (default int64), files in the order given."""
     import numpy as np
@@ -133,8 +137,7 @@ def read_xy(files: Sequence[Path], feature_dim: int, labels_as: type | None = No
     table = _read_table(files, [FEATURES_COL, LABEL_COL])
     if table is None:
         return np.zeros((0, feature_dim), np.float32), np.zeros(0, labels_as)
-    x = feature_matrix(table.column(FEATURES_COL)).reshape(-1, feature_dim)
-    return x, np.array(table.column(LABEL_COL).to_numpy(), dtype=labels_as)
+    return _features(table, feature_dim), np.array(table.column(LABEL_COL).to_numpy(), dtype=labels_as)
 
 
 def read_split(prepared: PreparedData, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +152,7 @@ def read_features(prepared: PreparedData, split: str) -> np.ndarray:
 
     dim = int(prepared.manifest["feature_dim"])
     table = _read_table(split_files(prepared, split), [FEATURES_COL])
-    return np.zeros((0, dim), np.float32) if table is None else feature_matrix(table.column(FEATURES_COL)).reshape(-1, dim)
+    return np.zeros((0, dim), np.float32) if table is None else _features(table, dim)
 
 
 def read_labels(prepared: PreparedData, split: str) -> np.ndarray:
@@ -177,13 +180,12 @@ def read_head(prepared: PreparedData, split: str, rows: int) -> np.ndarray:
     import pyarrow.parquet as pq
 
     dim = int(prepared.manifest["feature_dim"])
-    pieces, need = [], rows
+    pieces, need = [np.zeros((0, dim), np.float32)], rows
     for f in split_files(prepared, split):
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=max(need, 1), columns=[FEATURES_COL]):
-            if need <= 0:
-                break
-            pieces.append(feature_matrix(batch.column(FEATURES_COL))[:need].reshape(-1, dim))
-            need -= len(pieces[-1])
         if need <= 0:
             break
-    return np.concatenate(pieces) if pieces else np.zeros((0, dim), np.float32)
+        batches = pq.ParquetFile(f).iter_batches(batch_size=max(rows, 1), columns=[FEATURES_COL])
+        while need > 0 and (batch := next(batches, None)) is not None:
+            pieces.append(feature_matrix(batch.column(FEATURES_COL))[:need].reshape(-1, dim))
+            need -= len(pieces[-1])
+    return np.concatenate(pieces)
