@@ -1,17 +1,15 @@
-"""A real prepared dataset (sklearn digits) written without Spark, in manifest.py's contract."""
+"""A real prepared dataset (sklearn digits) written without Spark, by ``orchard.data.synthetic``."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from orchard.data.manifest import FEATURES_COL, LABEL_COL, MANIFEST, load_manifest
+from orchard.data.manifest import load_manifest, prepared_folder
+from orchard.data.synthetic import write_prepared
 
 
 def _split(y: np.ndarray, fractions: tuple[float, float, float], seed: int) -> list[np.ndarray]:
@@ -27,14 +25,6 @@ def _split(y: np.ndarray, fractions: tuple[float, float, float], seed: int) -> l
     return [rng.permutation(np.concatenate(p)) for p in out]
 
 
-def _write_split(folder: Path, x: np.ndarray, y: np.ndarray, files: int = 2) -> None:
-    folder.mkdir(parents=True)
-    for i, rows in enumerate(np.array_split(np.arange(len(y)), files)):
-        features = pa.FixedSizeListArray.from_arrays(pa.array(x[rows].reshape(-1), pa.float32()), x.shape[1])
-        table = pa.table({FEATURES_COL: features, LABEL_COL: pa.array(y[rows], pa.int64())})
-        pq.write_table(table, folder / f"part-{i:05d}.parquet")
-
-
 def write_digits(root: Path, seed: int = 42) -> Path:
     from sklearn.datasets import load_digits
 
@@ -45,24 +35,14 @@ def write_digits(root: Path, seed: int = 42) -> Path:
     std[std == 0] = 1.0  # constant border pixels: leave them at 0 rather than divide by 0
     xs = (x - mean) / std
     content_hash = hashlib.sha256(xs.tobytes() + y.tobytes()).hexdigest()
-    path = root / f"digits-{content_hash[:12]}"
-    for name, rows in (("train", train), ("val", val), ("test", test)):
-        _write_split(path / name, xs[rows], y[rows])
-    manifest = {
-        "version": 1, "source": "sklearn:digits", "dataset": "digits", "content_hash": content_hash,
-        "label_column": "label", "features": [f"pixel_{i}" for i in range(x.shape[1])],
-        "feature_dim": int(x.shape[1]), "image_shape": [1, 8, 8], "classes": list(range(10)),
-        "num_classes": 10, "task": "classification", "normalize": "standard",
-        "stats": {"mean": mean.tolist(), "std": std.tolist()},
-        "counts": {"input": len(y), "quarantined": 0, "duplicates": 0,
-                   "train": len(train), "val": len(val), "test": len(test)},
-        "splits": {"train": "train", "val": "val", "test": "test"},
-        "quarantine_path": "quarantine",
-        "schema": {FEATURES_COL: f"fixed_size_list<float>[{x.shape[1]}]", LABEL_COL: "int64"},
-        "split": {"train": 0.7, "val": 0.15, "test": 0.15, "seed": seed, "stratify": True},
-        "created_at": "2026-01-01T00:00:00Z", "spark_version": None,
-    }
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    path = prepared_folder(root, "digits", content_hash)
+    write_prepared(
+        path, xs, y, {"train": train, "val": val, "test": test},
+        source="sklearn:digits", dataset="digits", content_hash=content_hash,
+        features=[f"pixel_{i}" for i in range(x.shape[1])], image_shape=[1, 8, 8], classes=list(range(10)),
+        num_classes=10, normalize="standard", stats={"mean": mean.tolist(), "std": std.tolist()},
+        split={"train": 0.7, "val": 0.15, "test": 0.15, "seed": seed, "stratify": True},
+    )
     return path
 
 

@@ -176,7 +176,6 @@ class ScalingSpec(_Section):
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "qfedavg",
               "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-ROBUST_STRATEGIES = ("krum", "multikrum", "bulyan")
 
 
 class StrategySpec(_Section):
@@ -262,6 +261,8 @@ class AttackSpec(_Section):
 
 
 # Central DP noise is calibrated to a plain mean of clipped updates; these strategies aggregate one.
+# Server optimisers (FedAvgM, FedAdam...) keep un-noised state across rounds and robust rules (median,
+# Krum) have other sensitivities. The one rule: the spec check here and federated/privacy.py read it.
 CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
 
 
@@ -301,7 +302,8 @@ class FederatedSpec(_Section):
             raise ValueError(f"min_train_clients={self.min_train_clients} exceeds clients={self.clients}: "
                              "no round could ever aggregate")
         if self.privacy.mode.startswith("central") and self.strategy.name not in CENTRAL_DP_STRATEGIES:
-            raise ValueError(f"privacy.mode={self.privacy.mode} needs strategy.name fedavg or fedprox, got "
+            allowed = " or ".join(CENTRAL_DP_STRATEGIES)
+            raise ValueError(f"privacy.mode={self.privacy.mode} needs strategy.name {allowed}, got "
                              f"{self.strategy.name}: the noise is calibrated to a plain mean of clipped updates")
         return self
 

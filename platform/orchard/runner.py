@@ -176,13 +176,9 @@ def _log_outputs(job, spec: JobSpec, prepared, result: dict[str, Any]) -> str | 
 
 
 def _input_example(prepared, rows: int = 4):
-    import numpy as np
-    import pyarrow.parquet as pq
+    from orchard.data.manifest import read_head
 
-    first = sorted(prepared.split_path("test").glob("*.parquet"))[0]
-    col = pq.ParquetFile(first).read_row_group(0, columns=["features"]).column("features").combine_chunks()
-    dim = prepared.manifest["feature_dim"]
-    return np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)[:rows]
+    return read_head(prepared, "test", rows)
 
 
 # -- progress -------------------------------------------------------------------------------------------

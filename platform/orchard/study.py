@@ -22,10 +22,11 @@ PARTITIONS = {"IID": ["federated.partition=iid"],
 STRATEGIES = {"FedAvg": ["federated.strategy.name=fedavg"],
               "FedProx (μ=0.01)": ["federated.strategy.name=fedprox", "federated.strategy.proximal_mu=0.01"],
               "FedAdam (η=0.01)": ["federated.strategy.name=fedadam", "federated.strategy.server_lr=0.01"]}
-ROBUST = {"FedAvg": ["federated.strategy.name=fedavg"],
-          "FedMedian": ["federated.strategy.name=fedmedian"],
-          "Krum": ["federated.strategy.name=krum"],
-          "FedTrimmedAvg (β=0.2)": ["federated.strategy.name=fedtrimmedavg", "federated.strategy.trim_beta=0.2"]}
+# The strategies run against ATTACK: the attack table's rows.
+ATTACK_STUDY = {"FedAvg": ["federated.strategy.name=fedavg"],
+                "FedMedian": ["federated.strategy.name=fedmedian"],
+                "Krum": ["federated.strategy.name=krum"],
+                "FedTrimmedAvg (β=0.2)": ["federated.strategy.name=fedtrimmedavg", "federated.strategy.trim_beta=0.2"]}
 ATTACK = ["federated.partition=iid", "federated.attack.kind=sign_flip", "federated.attack.fraction=0.2"]
 DP = {sigma: ["federated.partition=iid", "federated.privacy.mode=central_fixed",
              f"federated.privacy.noise_multiplier={sigma}", "federated.privacy.clipping_norm=1.0"]
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(f"{name} / {part_name}: {run_id}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| 20% sign-flip attackers (IID) | test accuracy | replies rejected |", "|---|---|---|"]
-    for name, strat in ROBUST.items():
+    for name, strat in ATTACK_STUDY.items():
         acc, run_id, last = _run(ATTACK + strat, console)
         lines.append(f"| {name} | {acc:.4f} | {last.get('fed/rejected', 0):.0f} |")
         runs.append(f"attack {name}: {run_id}")

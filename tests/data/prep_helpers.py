@@ -1,4 +1,4 @@
-"""Helpers for the data tests: read a prepared split back, write (malformed) CSV files."""
+"""Helpers for the data tests: a prepared split's rows as a set, (malformed) CSV files."""
 
 from __future__ import annotations
 
@@ -6,19 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.dataset as ds
-
 from orchard.data import PreparedData
-
-
-def read_split(prepared: PreparedData, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features [n, D] float32, labels [n] int64) in file order."""
-    files = sorted(prepared.split_path(split).glob("part-*.parquet"))
-    table = ds.dataset([str(f) for f in files], format="parquet").to_table()
-    dim = prepared.manifest["feature_dim"]
-    flat = table["features"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(-1, dim), table["label"].to_numpy()
+from orchard.data.manifest import read_split
 
 
 def row_set(prepared: PreparedData, split: str) -> set[tuple]:

@@ -6,8 +6,9 @@ import torch
 
 from orchard.config import JobSpec, SpecError
 from orchard.data import prepare
+from orchard.data.manifest import read_split
 from orchard.models import build_model
-from tests.data.prep_helpers import read_split, write_csv
+from tests.data.prep_helpers import write_csv
 
 CITIES = ["oslo", "lima", "pune", "kobe"]
 

@@ -12,9 +12,9 @@ from sklearn.datasets import load_breast_cancer
 
 from orchard.config import FederatedSpec, SpecError, validate_spec
 from orchard.data import prepare
-from orchard.data.manifest import FEATURES_COL, GROUP_COL, LABEL_COL
+from orchard.data.manifest import FEATURES_COL, GROUP_COL, LABEL_COL, read_split
 from orchard.data.prepare import plan
-from orchard.federated.partitions import PartitionError, read_split, write_partitions
+from orchard.federated.partitions import PartitionError, write_partitions
 from tests.data.prep_helpers import write_csv
 
 SITES = 3

@@ -1,4 +1,5 @@
-"""The prepared folder follows manifest.py's contract: one fixed-width tensor column, int64 labels."""
+"""The prepared folder follows manifest.py's contract: one fixed-width float32 tensor column, then int64 class
+labels (float32 for a regression target, see test_data_regression.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchard.data import load_manifest, prepare
-from tests.data.prep_helpers import read_split
+from orchard.data.manifest import read_split
+from orchard.data.prepare import prepared_path
 
 MANIFEST_KEYS = {
     "version", "source", "dataset", "content_hash", "label_column", "features", "feature_dim", "image_shape",
@@ -38,6 +40,7 @@ def test_manifest_has_every_contract_key_and_matches_the_files(spark, make_spec)
     assert manifest["version"] == 1 and manifest["task"] == "classification"
     assert manifest["dataset"] == "digits" and manifest["source"] == "sklearn:digits"
     assert prepared.path.name == f"digits-{manifest['content_hash']}"
+    assert prepared_path(make_spec()) == prepared.path  # found without Spark, as the Flower App does
     assert manifest["image_shape"] == [1, 8, 8] and manifest["feature_dim"] == 64
     assert manifest["classes"] == list(range(10)) and manifest["num_classes"] == 10
     assert manifest["quarantine_path"] is None and not (prepared.path / "quarantine").exists()

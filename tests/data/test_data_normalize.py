@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from orchard.data import prepare
-from tests.data.prep_helpers import read_split
+from orchard.data.manifest import read_split
 
 
 def test_standard_stats_equal_numpy_on_raw_train_rows_only(spark, make_spec, digits_raw):

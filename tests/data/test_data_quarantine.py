@@ -9,7 +9,8 @@ from sklearn.datasets import load_breast_cancer
 
 from orchard.config import SpecError
 from orchard.data import prepare
-from tests.data.prep_helpers import read_split, write_csv
+from orchard.data.manifest import read_split
+from tests.data.prep_helpers import write_csv
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchard.data import prepare
-from tests.data.prep_helpers import read_split
+from orchard.data.manifest import read_split
 
 
 def test_diabetes_prepares_as_regression_with_train_target_stats(spark, make_spec):

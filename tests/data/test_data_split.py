@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from orchard.data import prepare
-from tests.data.prep_helpers import read_split, row_set, write_csv
+from orchard.data.manifest import read_split
+from tests.data.prep_helpers import row_set, write_csv
 
 SPLITS = ("train", "val", "test")
 

@@ -8,15 +8,13 @@ import numpy as np
 import pytest
 
 from orchard.config import FederatedSpec
-from orchard.data.manifest import load_manifest
+from orchard.data.manifest import load_manifest, read_split, read_xy
 from orchard.federated.partitions import (
     META_FILE,
     MIN_PARTITION_SIZE,
     PartitionError,
     partition_indices,
     partition_table,
-    read_split,
-    read_xy,
     write_partitions,
 )
 
@@ -183,3 +181,20 @@ def test_changing_a_schemes_knob_writes_a_new_folder(fresh_digits):
     b = write_partitions(fresh_digits, FederatedSpec(clients=10, partition="pathological", classes_per_client=3))
     assert (a.folder.name, b.folder.name) == ("pathological-k2-n10-s0", "pathological-k3-n10-s0")
     assert a.folder.is_dir() and a.counts != b.counts
+
+
+def test_natural_partitions_read_the_group_column_the_prep_carried(tmp_path):
+    from orchard.data.synthetic import write_prepared
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 4)).astype(np.float32), rng.integers(0, 2, 60)
+    sites = np.array([f"site-{i % 3}" for i in range(60)])
+    prepared = write_prepared(tmp_path / "p", x, y, {"train": slice(0, 48), "test": slice(48, 60)},
+                              groups=sites, partition_by="site")
+    parts = write_partitions(prepared, FederatedSpec(clients=3, partition="natural", partition_by="site"))
+    assert parts.ids == ["site-0", "site-1", "site-2"] and parts.counts == [16, 16, 16]
+    for i in range(3):
+        xs, _ = read_xy([parts.client_file(i)], 4)
+        np.testing.assert_array_equal(xs, x[:48][sites[:48] == f"site-{i}"])
+    with pytest.raises(PartitionError, match="carries 'site'"):
+        write_partitions(prepared, FederatedSpec(clients=3, partition="natural", partition_by="user"))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from orchard.config import validate_spec
+from orchard.data.manifest import read_split
 from orchard.engine import evaluate
-from orchard.federated.partitions import read_split
 
 # Observed 0.944-0.952 test accuracy for these settings on digits (two split seeds; runs repeat exactly);
 # the floor leaves room for thread-count and platform differences in float arithmetic.

@@ -60,8 +60,8 @@ def test_unprepared_data_points_at_orchard_prep(tmp_path):
 
 
 def test_each_node_folder_holds_the_manifest_and_only_its_own_partition(fresh_digits, tmp_path):
+    from orchard.data.manifest import read_xy
     from orchard.federated.app import AppConfigError, export_node_data, partition_folder
-    from orchard.federated.partitions import read_xy
 
     spec = load_spec(_spec_file(tmp_path))
     folders = export_node_data(fresh_digits, spec, tmp_path / "nodes")

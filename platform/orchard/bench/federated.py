@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from orchard.bench import Result
-from orchard.bench.synthetic import write_prepared
+from orchard.bench.synthetic import write_classification
 from orchard.config import JobSpec
 from orchard.models import build_model
 
@@ -85,7 +85,8 @@ def _simulated(spec: JobSpec, prepared) -> tuple[float, float, float, float]:
 
 def _plain(spec: JobSpec, prepared) -> tuple[float, float, float]:
     """(updates/min after round 1, peak MiB, final accuracy) of FedAvg as one plain Python loop."""
-    from orchard.federated.partitions import client_file, read_split, read_xy, write_partitions
+    from orchard.data.manifest import read_split, read_xy
+    from orchard.federated.partitions import client_file, write_partitions
 
     parts = write_partitions(prepared, spec.federated)
     data = [tuple(map(torch.from_numpy, read_xy([client_file(parts.folder, c)], DIM))) for c in range(CLIENTS)]
@@ -121,7 +122,7 @@ def run(progress=print) -> list[Result]:
     spec = _spec()
     with tempfile.TemporaryDirectory(prefix="orchard-bench-fed-") as tmp:
         rows = CLIENTS * ROWS_PER_CLIENT
-        prepared = write_prepared(Path(tmp) / "data", int(rows / 0.9), DIM, CLASSES)
+        prepared = write_classification(Path(tmp) / "data", int(rows / 0.9), DIM, CLASSES)
         progress(f"plain FedAvg loop: {CLIENTS} clients × {ROUNDS} rounds")
         base_rate, base_mem, base_acc = _plain(spec, prepared)
         progress(f"  {base_rate:,.0f} updates/min, peak {base_mem:,.0f} MiB, accuracy {base_acc:.3f}")

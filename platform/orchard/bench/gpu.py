@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from orchard.bench import Result
-from orchard.bench.synthetic import load_split, write_prepared
+from orchard.bench.synthetic import write_classification
 from orchard.bench.train import _steady
 from orchard.config import JobSpec
+from orchard.data.manifest import read_split
 from orchard.models import build_model
 
 LAYERS, D, HEADS, SEQ, FEATS, BATCH, EPOCHS, ROWS = 8, 512, 8, 256, 16, 64, 3, 64 * 150
@@ -47,7 +48,7 @@ def _flops_per_sample(model: nn.Module) -> float:
 
 def _plain(spec: JobSpec, prepared, compile_: bool) -> float:
     dev = torch.device("cuda")
-    x, y = (torch.from_numpy(a) for a in load_split(prepared, "train"))
+    x, y = (torch.from_numpy(a) for a in read_split(prepared, "train"))
     x, y = x.to(dev), y.to(dev)  # the fastest possible feed: everything already on the GPU
     torch.manual_seed(0)
     model = build_model(spec, prepared.manifest).to(dev)
@@ -81,7 +82,7 @@ def run(progress=print) -> list[Result]:
     init_ray(8)
     results = []
     with tempfile.TemporaryDirectory(prefix="orchard-gpu-bench-") as tmp:
-        prepared = write_prepared(Path(tmp, "data"), ROWS, SEQ * FEATS, 10, None, files=8)
+        prepared = write_classification(Path(tmp, "data"), ROWS, SEQ * FEATS, 10, None, files=8)
         flops = _flops_per_sample(build_model(_spec(Path(tmp), False), prepared.manifest))
         plain = {}
         for tag, compile_, cache in VARIANTS:

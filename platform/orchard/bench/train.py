@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from orchard.bench import Result
-from orchard.bench.synthetic import load_split, write_prepared
+from orchard.bench.synthetic import write_classification
 from orchard.config import JobSpec
+from orchard.data.manifest import read_split
 from orchard.models import build_model
 
 BATCH, EPOCHS, THREADS, REPEATS = 256, 4, 1, 2
@@ -86,12 +87,12 @@ def _memory_batches(x: torch.Tensor, y: torch.Tensor):
 
 def _raydata_batches(prepared):
     """The same Ray Data → tensor path the Ray Train workers use."""
-    from orchard.train.feed import read_split, tensor_batches
+    from orchard.train import feed
 
-    ds = read_split(str(prepared.split_path("train").resolve()), prepared.manifest["counts"]["train"],
-                    prepared.manifest["feature_dim"], shuffle_files=True)
+    ds = feed.read_split(str(prepared.split_path("train").resolve()), prepared.manifest["counts"]["train"],
+                         prepared.manifest["feature_dim"], shuffle_files=True)
     rng = np.random.default_rng(0)
-    return lambda: tensor_batches(ds, BATCH, rng=rng)
+    return lambda: feed.tensor_batches(ds, BATCH, rng=rng)
 
 
 def _platform(spec: JobSpec, prepared) -> tuple[float, float]:
@@ -131,9 +132,9 @@ def _cases(progress, scale: float) -> list[Result]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="orchard-bench-") as tmp:
         for name, (model_cfg, rows, shape) in CASES.items():
-            prepared = write_prepared(Path(tmp, name), max(2_000, int(rows * scale)), 64, 10, shape)
+            prepared = write_classification(Path(tmp, name), max(2_000, int(rows * scale)), 64, 10, shape)
             spec = _spec(model_cfg, 1, Path(tmp, "unused"))
-            x, y = (torch.from_numpy(a) for a in load_split(prepared, "train"))
+            x, y = (torch.from_numpy(a) for a in read_split(prepared, "train"))
             torch.manual_seed(0)
             mem_epochs, fed_epochs = _alternating(
                 [(build_model(spec, prepared.manifest), _memory_batches(x, y)),

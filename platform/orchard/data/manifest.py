@@ -8,8 +8,9 @@ A prepared dataset is a folder::
         quarantine/part-*.parquet        (rows that failed to parse, with row number and reason)
 
 Each split has two columns: ``features`` (fixed_size_list<float32>[feature_dim], already normalized)
-and ``label`` (int64 class index into ``manifest["classes"]``). One tensor column is the layout Ray
-Data feeds fastest (see STACK_NOTES).
+and ``label`` (int64 class index into ``manifest["classes"]``, or for ``task: regression`` the float32
+target). One tensor column is the layout Ray Data feeds fastest: at 200k rows x 64 floats, 65 scalar
+columns fed a TorchTrainer at 44k rows/s (0.07x of in-memory), one fixed-size-list column at 0.6-2.2M rows/s.
 
 Details the writer guarantees:
 - rows in each split are shuffled at prep time (deterministically by ``split.seed``);
@@ -29,9 +30,15 @@ Details the writer guarantees:
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: the CLI and the Spark side load this module without them
+    import numpy as np
+    import pyarrow as pa
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -60,3 +67,125 @@ def load_manifest(path: str | Path) -> PreparedData:
     path = Path(path)
     with open(path / MANIFEST) as fh:
         return PreparedData(path=path, manifest=json.load(fh), reused=True)
+
+
+def slug(text: str, default: str = "data") -> str:
+    """``text`` as a folder-name part: lower-case letters and digits, runs of anything else as one dash."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or default
+
+
+def prepared_folder(output: str | Path, dataset: str, content_hash: str) -> Path:
+    """The one place the prepared folder's name is formed: ``<data.output>/<dataset>-<content_hash>``."""
+    return Path(output) / f"{dataset}-{content_hash}"
+
+
+# -- reading -----------------------------------------------------------------------------------------
+# Every consumer reads a split through these (Ray Data's feed reads the folder itself, then converts
+# its blocks with ``feature_matrix``), so row order, label types and the tensor column mean the same
+# thing everywhere.
+
+def split_files(prepared: PreparedData, split: str) -> list[Path]:
+    """The split's Parquet files, sorted: row i of the split means the same row to every reader."""
+    return sorted(prepared.split_path(split).glob("*.parquet"))
+
+
+def label_dtype(manifest: dict[str, Any]) -> type:
+    """Class indices are int64; a regression target is float32 (what the engine's task losses expect)."""
+    import numpy as np
+
+    return np.float32 if manifest.get("task") == "regression" else np.int64
+
+
+def feature_matrix(column: pa.Array | pa.ChunkedArray, copy: bool = True) -> np.ndarray:
+    """A ``fixed_size_list<float32>[D]`` column, chunked or sliced or not, as an (n, D) float32 array.
+
+    Each chunk goes through ``flatten()``, which honours a slice's offset. ``.values`` would not: it is
+    the whole child array from its first element, so on a slice (a Ray Data block, ``table.slice``, one
+    chunk of several) it returns other rows, or too many. With ``copy=False`` a single chunk without
+    nulls comes back as a read-only view of Arrow's buffer; otherwise the array is a writable copy
+    (``torch.from_numpy`` wants writable memory).
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    dim = column.type.list_size
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    flats = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunks]
+    if not copy and len(flats) == 1:
+        return np.asarray(flats[0], dtype=np.float32).reshape(-1, dim)
+    flat = np.concatenate(flats) if flats else np.zeros(0, np.float32)  # concatenate copies
+    return flat.astype(np.float32, copy=False).reshape(-1, dim)
+
+
+def _read_table(files: Sequence[Path], columns: list[str]) -> pa.Table | None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(f, columns=columns) for f in files]
+    return pa.concat_tables(tables) if tables else None
+
+
+def _features(table: pa.Table, feature_dim: int) -> np.ndarray:
+    return feature_matrix(table.column(FEATURES_COL)).reshape(-1, feature_dim)
+
+
+def read_xy(files: Sequence[Path], feature_dim: int, labels_as: type | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Features (n, feature_dim) float32 and labels (n,) as ``labels_as`` (default int64), files in the order given."""
+    import numpy as np
+
+    labels_as = labels_as or np.int64
+    table = _read_table(files, [FEATURES_COL, LABEL_COL])
+    if table is None:
+        return np.zeros((0, feature_dim), np.float32), np.zeros(0, labels_as)
+    return _features(table, feature_dim), np.array(table.column(LABEL_COL).to_numpy(), dtype=labels_as)
+
+
+def read_split(prepared: PreparedData, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features (n, feature_dim) float32, labels as ``label_dtype``) of a split, in ``split_files`` order."""
+    m = prepared.manifest
+    return read_xy(split_files(prepared, split), int(m["feature_dim"]), label_dtype(m))
+
+
+def read_features(prepared: PreparedData, split: str) -> np.ndarray:
+    """A split's features, (n, feature_dim) float32."""
+    import numpy as np
+
+    dim = int(prepared.manifest["feature_dim"])
+    table = _read_table(split_files(prepared, split), [FEATURES_COL])
+    return np.zeros((0, dim), np.float32) if table is None else _features(table, dim)
+
+
+def read_labels(prepared: PreparedData, split: str) -> np.ndarray:
+    """A split's labels as ``label_dtype(manifest)``."""
+    import numpy as np
+
+    dtype = label_dtype(prepared.manifest)
+    table = _read_table(split_files(prepared, split), [LABEL_COL])
+    return np.zeros(0, dtype) if table is None else np.array(table.column(LABEL_COL).to_numpy(), dtype=dtype)
+
+
+def read_groups(prepared: PreparedData, split: str) -> np.ndarray | None:
+    """The ``group`` column as an object array of strings, in ``read_split``'s row order; None without one."""
+    import numpy as np
+
+    if not prepared.manifest.get("partition_column"):
+        return None
+    table = _read_table(split_files(prepared, split), [GROUP_COL])
+    return np.array([] if table is None else table.column(GROUP_COL).to_pylist(), dtype=object)
+
+
+def read_head(prepared: PreparedData, split: str, rows: int) -> np.ndarray:
+    """The features of a split's first ``rows`` rows (fewer if it has fewer), reading no more than needed."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    dim = int(prepared.manifest["feature_dim"])
+    pieces, need = [np.zeros((0, dim), np.float32)], rows
+    for f in split_files(prepared, split):
+        if need <= 0:
+            break
+        batches = pq.ParquetFile(f).iter_batches(batch_size=max(rows, 1), columns=[FEATURES_COL])
+        while need > 0 and (batch := next(batches, None)) is not None:
+            pieces.append(feature_matrix(batch.column(FEATURES_COL))[:need].reshape(-1, dim))
+            need -= len(pieces[-1])
+    return np.concatenate(pieces)

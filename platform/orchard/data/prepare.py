@@ -12,7 +12,7 @@ from pathlib import Path
 
 from orchard.config import JobSpec
 from orchard.data.groups import keyed, partition_column, with_group
-from orchard.data.manifest import MANIFEST, PreparedData, load_manifest
+from orchard.data.manifest import MANIFEST, PreparedData, load_manifest, prepared_folder
 from orchard.data.source import Source, content_hash, image_shape, resolve
 
 log = logging.getLogger("orchard.data")
@@ -27,7 +27,7 @@ def prepare(spec: JobSpec, log_path: Path | None = None) -> PreparedData:
     """
     data = spec.data
     source, shape, digest, group = plan(spec)
-    target = Path(data.output) / f"{source.slug}-{digest}"
+    target = prepared_folder(data.output, source.slug, digest)
     if (target / MANIFEST).is_file():
         log.info("reusing prepared data %s", target)
         return load_manifest(target)
@@ -51,6 +51,12 @@ def prepare(spec: JobSpec, log_path: Path | None = None) -> PreparedData:
             "%d of %d rows quarantined, see %s", counts["quarantined"], counts["input"], target / "quarantine"
         )
     return PreparedData(path=target, manifest=manifest, reused=False)
+
+
+def prepared_path(spec: JobSpec) -> Path:
+    """The folder ``prepare(spec)`` writes or reuses, found without Spark and without preparing."""
+    source, _, digest, _ = plan(spec)
+    return prepared_folder(spec.data.output, source.slug, digest)
 
 
 def plan(spec: JobSpec) -> tuple[Source, list[int] | None, str, str | None]:

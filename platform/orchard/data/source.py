@@ -20,6 +20,7 @@ from typing import Literal
 from urllib.parse import unquote, urlparse
 
 from orchard.config import DataSpec, SpecError
+from orchard.data.manifest import slug
 
 # Bump when the prep's output for the same input changes, so old folders are not reused.
 PREP_VERSION = "orchard-data/1"
@@ -66,8 +67,8 @@ def resolve(data: DataSpec) -> Source:
     categorical = _pick_categorical(data, columns, location, kind)
     numeric_only = {k: v for k, v in not_numeric.items() if k not in categorical}
     features = [c for c in _pick_features(data, columns, location, numeric_only, categorical) if c not in categorical]
-    slug = _slug(location if kind == "sklearn" else Path(location).stem)
-    return Source(kind, location, slug, tuple(columns), tuple(features), data.label, tuple(categorical),
+    name = slug(location if kind == "sklearn" else Path(location).stem)
+    return Source(kind, location, name, tuple(columns), tuple(features), data.label, tuple(categorical),
                   remote=_scheme(location) in REMOTE_SCHEMES)
 
 
@@ -218,10 +219,6 @@ def _pick_features(data: DataSpec, columns: list[str], where: str, not_numeric: 
 def _short(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "data"
 
 
 def _content_files(path: Path) -> list[Path]:

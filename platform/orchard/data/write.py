@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -35,6 +36,18 @@ def split_schema(feature_dim: int, regression: bool = False, grouped: bool = Fal
     return pa.schema([(FEATURES_COL, pa.list_(pa.float32(), feature_dim)), (LABEL_COL, label), *extra])
 
 
+def contract_table(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> pa.Table:
+    """In-memory rows (features (n, D), labels (n,), optional group values) as a contract table.
+
+    Labels keep their numpy type: int64 class indices, or a float32 regression target.
+    """
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    columns = {FEATURES_COL: pa.FixedSizeListArray.from_arrays(pa.array(flat), x.shape[1]), LABEL_COL: pa.array(y)}
+    if groups is not None:
+        columns[GROUP_COL] = pa.array([str(g) for g in groups], pa.string())
+    return pa.table(columns)
+
+
 def finish_split(staged: Path, out: Path, feature_dim: int, files: int, regression: bool = False,
                  grouped: bool = False) -> int:
     """Rewrite Spark's output for one split into ``files`` shuffled, fixed-width Parquet files."""
@@ -46,7 +59,7 @@ def finish_split(staged: Path, out: Path, feature_dim: int, files: int, regressi
         table = pa.table([table[f.name].cast(f.type) for f in schema], schema=schema)
     else:  # Spark writes no folder for a split without rows (e.g. val = 0)
         table = schema.empty_table()
-    _write_parts(table, out, files)
+    write_parts(table, out, files)
     return table.num_rows
 
 
@@ -58,11 +71,11 @@ def distinct_groups(folder: Path) -> int:
 
 def finish_quarantine(staged: Path, out: Path) -> int:
     table = ds.dataset(str(staged), format="parquet").to_table().sort_by("row")
-    _write_parts(table.cast(QUARANTINE_SCHEMA), out, 1)
+    write_parts(table.cast(QUARANTINE_SCHEMA), out, 1)
     return table.num_rows
 
 
-def _write_parts(table: pa.Table, out: Path, files: int) -> None:
+def write_parts(table: pa.Table, out: Path, files: int) -> None:
     # Fewer files than requested when there are fewer rows: no empty files, but at least one file
     # so that an empty split still carries its schema.
     n = max(1, min(files, table.num_rows))

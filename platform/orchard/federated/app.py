@@ -32,14 +32,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from orchard.config import JobSpec, load_spec
-from orchard.data.manifest import MANIFEST, PreparedData, load_manifest
-from orchard.federated.partitions import (
-    PARTITIONS_DIR,
-    client_file,
-    partition_name,
-    read_split,
-    write_partitions,
-)
+from orchard.data.manifest import MANIFEST, PreparedData, load_manifest, read_split
+from orchard.federated.partitions import PARTITIONS_DIR, client_file, partition_name, write_partitions
 
 
 class AppConfigError(ValueError):
@@ -68,10 +62,9 @@ def prepared_from(spec: JobSpec, run_config: dict) -> PreparedData:
     if data_dir:
         path = Path(data_dir).expanduser()
     else:
-        from orchard.data.prepare import plan  # resolves the folder without Spark
+        from orchard.data.prepare import prepared_path  # resolves the folder without Spark
 
-        source, _, digest, _ = plan(spec)
-        path = Path(spec.data.output) / f"{source.slug}-{digest}"
+        path = prepared_path(spec)
     if not (path / MANIFEST).is_file():
         raise AppConfigError(f"no prepared data at {path.resolve()} ({MANIFEST} missing): run `orchard prep SPEC` "
                              "first and pass the folder it prints as run config 'data-dir'")

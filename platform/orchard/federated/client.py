@@ -15,9 +15,10 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from orchard.config import JobSpec
+from orchard.data.manifest import label_dtype, read_xy
 from orchard.engine import LoopOptions, build_optimizer, make_task, seed_everything, train_epoch
 from orchard.federated.attacks import act_out, fault_for, flip_labels, malicious_clients, poison
-from orchard.federated.partitions import client_file, label_dtype, read_xy
+from orchard.federated.partitions import client_file
 from orchard.federated.strategies import ARRAYS_KEY, CLIENT_KEY, METRICS_KEY
 from orchard.models import build_model
 

@@ -19,7 +19,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -27,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchard.config import FederatedSpec
-from orchard.data.manifest import FEATURES_COL, GROUP_COL, LABEL_COL, PreparedData
+from orchard.data.manifest import GROUP_COL, LABEL_COL, PreparedData, read_groups, read_split, slug
+from orchard.data.write import contract_table
 
 PARTITIONS_DIR = "partitions"
 META_FILE = "partitions.json"
@@ -63,57 +62,24 @@ def client_file(folder: Path, client: int) -> Path:
 
 def partition_name(fed: FederatedSpec) -> str:
     if fed.partition == "natural":  # no randomness: the seed does not shape it
-        return f"natural-{_slug(fed.partition_by or '')}-n{fed.clients}"
+        return f"natural-{slug(fed.partition_by or '', 'column')}-n{fed.clients}"
     knob = {"dirichlet": f"-a{fed.alpha:g}", "pathological": f"-k{fed.classes_per_client}",
             "shard": f"-h{fed.shards_per_client}"}.get(fed.partition, "")
     return f"{fed.partition}{knob}-n{fed.clients}-s{fed.seed}"
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "column"
-
-
 # -- reading -----------------------------------------------------------------------------------------
 
-def label_dtype(manifest: dict) -> type:
-    """Class indices are int64; a regression target is float32 (what the engine's task losses expect)."""
-    return np.float32 if manifest.get("task") == "regression" else np.int64
-
-
-def read_xy(files: list[Path], feature_dim: int, labels_as: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
-    """Features [N, D] float32 and labels [N] from Parquet files, in the order given."""
-    tables = [pq.read_table(f, columns=[FEATURES_COL, LABEL_COL]) for f in files]
-    table = pa.concat_tables(tables) if tables else None
-    if table is None or table.num_rows == 0:
-        return np.zeros((0, feature_dim), np.float32), np.zeros(0, labels_as)
-    # flatten() honours slice offsets, unlike .values on a sliced list array.
-    flat = table.column(FEATURES_COL).combine_chunks().flatten()
-    # np.array copies: Arrow's buffers are read-only, and torch.from_numpy wants writable memory.
-    x = np.array(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, feature_dim)
-    y = np.array(table.column(LABEL_COL).to_numpy(), dtype=labels_as)
-    return x, y
-
-
-def split_files(prepared: PreparedData, split: str) -> list[Path]:
-    # Sorted, so row i of the split means the same row to every reader.
-    return sorted(prepared.split_path(split).glob("*.parquet"))
-
-
-def read_split(prepared: PreparedData, split: str) -> tuple[np.ndarray, np.ndarray]:
-    m = prepared.manifest
-    return read_xy(split_files(prepared, split), int(m["feature_dim"]), label_dtype(m))
-
-
-def read_groups(prepared: PreparedData, split: str, partition_by: str) -> np.ndarray:
-    """The ``group`` column (each row's ``partition_by`` value), in ``read_split``'s row order."""
+def natural_groups(prepared: PreparedData, split: str, partition_by: str) -> np.ndarray:
+    """The ``group`` column (each row's ``partition_by`` value), refused unless prepared from that column."""
     carried = (prepared.manifest.get("partition_column") or {}).get("source")
-    if carried != partition_by:
+    groups = read_groups(prepared, split)
+    if carried != partition_by or groups is None:
         has = f"carries {carried!r}" if carried else "has no partition column"
         raise PartitionError(
             f"federated.partition_by={partition_by!r}: the prepared data at {prepared.path} {has}; prepare it "
             "from a federated spec with partition: natural and this partition_by")
-    tables = [pq.read_table(f, columns=[GROUP_COL]) for f in split_files(prepared, split)]
-    return np.array(pa.concat_tables(tables).column(GROUP_COL).to_pylist(), dtype=object)
+    return groups
 
 
 # -- dividing ----------------------------------------------------------------------------------------
@@ -277,15 +243,6 @@ def _check_cover(parts: list[np.ndarray], num_rows: int, fed: FederatedSpec) -> 
 
 # -- writing -----------------------------------------------------------------------------------------
 
-def _table(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> pa.Table:
-    features = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])
-    # Labels keep the split's type: int64 class indices, or a float32 regression target.
-    columns = {FEATURES_COL: features, LABEL_COL: pa.array(y)}
-    if groups is not None:
-        columns[GROUP_COL] = pa.array(groups.tolist(), pa.string())
-    return pa.table(columns)
-
-
 def _params(fed: FederatedSpec) -> dict:
     params = {"version": ALGORITHM_VERSION, "scheme": fed.partition, "clients": fed.clients}
     extra = {
@@ -341,14 +298,14 @@ def write_partitions(prepared: PreparedData, fed: FederatedSpec) -> PartitionSet
     if found is not None:
         return found
     x, y = read_split(prepared, "train")
-    groups = read_groups(prepared, "train", fed.partition_by) if fed.partition == "natural" else None
+    groups = natural_groups(prepared, "train", fed.partition_by) if fed.partition == "natural" else None
     parts, ids = _divide(y, fed, groups)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed into place, so a reader never sees half a partition set.
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         for i, rows in enumerate(parts):
-            pq.write_table(_table(x[rows], y[rows], None if groups is None else groups[rows]), client_file(tmp, i))
+            pq.write_table(contract_table(x[rows], y[rows], None if groups is None else groups[rows]), client_file(tmp, i))
         counts = [int(len(rows)) for rows in parts]
         labels = _label_counts(y, parts, int(prepared.manifest.get("num_classes") or 0))
         meta = {**_params(fed), "counts": counts, "label_counts": labels, "ids": ids}

@@ -34,10 +34,6 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from orchard.config import CENTRAL_DP_STRATEGIES, JobSpec
 
-# Strategies whose aggregate is the plain mean the noise is calibrated to. Server optimisers (FedAvgM,
-# FedAdam...) keep un-noised state across rounds and robust rules (median, Krum) have other sensitivities.
-MEAN_STRATEGIES = CENTRAL_DP_STRATEGIES
-
 
 class PrivacyLedger:
     """Privacy budget epsilon spent after each round, at ``spec.federated.privacy.delta``."""
@@ -163,9 +159,9 @@ def wrap_strategy(strategy: Any, spec: JobSpec, num_sampled: int, ledger: Privac
     if not p.mode.startswith("central"):
         return strategy
     name = spec.federated.strategy.name
-    if name not in MEAN_STRATEGIES or not isinstance(strategy, FedAvg):
-        raise ValueError(f"federated.privacy.mode={p.mode} needs federated.strategy.name in {MEAN_STRATEGIES}, "
-                         f"got {name}: the noise is calibrated to a plain mean of clipped updates")
+    if name not in CENTRAL_DP_STRATEGIES or not isinstance(strategy, FedAvg):
+        raise ValueError(f"federated.privacy.mode={p.mode} needs federated.strategy.name "
+                         f"{' or '.join(CENTRAL_DP_STRATEGIES)}, got {name}: the noise is calibrated to a plain mean of clipped updates")
     if p.mode == "central_fixed":
         return FixedClipping(strategy, p.noise_multiplier, p.clipping_norm, num_sampled, ledger)
     return AdaptiveClipping(strategy, spec, num_sampled, ledger)

@@ -23,8 +23,6 @@ from orchard.config import JobSpec, SpecError
 
 logger = logging.getLogger("flwr")  # the engine log (simulation.engine_logs_to) collects this logger
 
-ROBUST = ("krum", "multikrum", "bulyan")
-
 
 def num_sampled(spec: JobSpec) -> int:
     """Clients asked per round, as ``FedAvg.configure_train`` computes it."""

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from orchard.data.manifest import FEATURES_COL, LABEL_COL, feature_matrix
+
 # Blocks held back to shuffle their order: the whole split when it is smaller, else a sliding window.
 SHUFFLE_WINDOW_BYTES = 256 << 20
 
@@ -85,13 +87,12 @@ def _pinned(x: torch.Tensor, y: torch.Tensor, pin: bool) -> tuple[torch.Tensor, 
 
 
 def _as_tensors(chunk, label_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    col = chunk.column("features").combine_chunks()
-    flat = col.flatten().to_numpy(zero_copy_only=False)  # flatten() honours a sliced chunk's offset
-    labels = chunk.column("label").to_numpy()
+    features = feature_matrix(chunk.column(FEATURES_COL), copy=False)  # a view of the block when it can be
+    labels = chunk.column(LABEL_COL).to_numpy()
     with warnings.catch_warnings():
         # Arrow buffers are read-only; the loop never writes to a batch, so a view is safe.
         warnings.simplefilter("ignore", UserWarning)
-        x = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(len(col), -1))
+        x = torch.from_numpy(features)
         y = torch.from_numpy(labels).to(label_dtype)
     return x, y
 

@@ -17,7 +17,7 @@ import numpy as np
 from torch import nn
 
 from orchard.config import JobSpec
-from orchard.data.manifest import PreparedData
+from orchard.data.manifest import PreparedData, read_labels
 from orchard.engine.checkpoint import load_checkpoint
 from orchard.models import build_model
 from orchard.tracking import RunLogger
@@ -143,10 +143,7 @@ def _worker_manifest(spec: JobSpec, prepared: PreparedData) -> dict[str, Any]:
     """The manifest plus what workers need that it may lack (class counts for balanced weights)."""
     manifest = dict(prepared.manifest)
     if spec.train.class_weights == "balanced" and "class_counts" not in manifest:
-        import pyarrow.dataset as pds
-
-        labels = pds.dataset(str(prepared.split_path("train")), format="parquet").to_table(columns=["label"])
-        counts = np.bincount(labels.column("label").to_numpy(), minlength=manifest["num_classes"])
+        counts = np.bincount(read_labels(prepared, "train"), minlength=manifest["num_classes"])
         manifest["class_counts"] = counts.tolist()
     return manifest
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from orchard.config import JobSpec
+from orchard.data.manifest import label_dtype as manifest_label_dtype
 from orchard.engine import LoopOptions, build_optimizer, evaluate, make_task, seed_everything, train_epoch
 from orchard.engine.cache import EpochCache, cache_budget
 from orchard.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
@@ -36,7 +37,7 @@ BEST_FILE = "best.safetensors"
 def train_loop(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(config["spec"])
     manifest = config["manifest"]
-    label_dtype = torch.float32 if manifest.get("task") == "regression" else torch.int64
+    label_dtype = getattr(torch, np.dtype(manifest_label_dtype(manifest)).name)  # torch.int64 / torch.float32
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
