@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 from orchard.config import DataSpec, SpecError
 
 # Bump when the prep's output for the same input changes, so old folders are not reused.
-PREP_VERSION = "orchard-data/1"
+PREP_VERSION = "orchard-data/2"  # 2: splits by feature vector (split.py)
 SKLEARN_DATASETS = ("digits", "breast_cancer", "diabetes")
 SKLEARN_TASKS = {"diabetes": "regression"}
 DEFAULT_IMAGE_SHAPES = {"digits": [1, 8, 8]}
