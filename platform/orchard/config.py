@@ -56,7 +56,8 @@ class DataSpec(_Section):
     categorical: list[str] = Field(
         [], description="Columns holding categories: indexed with a train-split vocabulary, embedded by the MLP.")
     task: Literal["auto", "classification", "regression"] = Field(
-        "auto", description="auto = regression for sklearn:diabetes, else classification.")
+        "auto", description="auto = regression for sklearn:diabetes, else classification (refused for a "
+        "numeric label with non-integer or over 100 distinct values).")
     normalize: Literal["standard", "minmax", "none"] = Field(
         "standard", description="Feature scaling, fitted on the training split only."
     )

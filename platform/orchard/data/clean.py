@@ -21,6 +21,10 @@ from orchard.data.source import Source
 
 # A label column with more distinct values than this is almost surely not a class label.
 MAX_CLASSES = 10_000
+# With data.task: auto, a numeric label is taken as classes only when every value is a whole number and
+# there are at most this many of them (CIFAR-100 still passes); anything else looks like a measurement.
+# Like scikit-learn's type_of_target, a non-integer float means "continuous" whatever the count.
+MAX_AUTO_CLASSES = 100
 
 
 def value_col(i: int) -> str:
@@ -70,8 +74,11 @@ def parse(raw: DataFrame, source: Source, regression: bool = False, group: str |
     return raw.select("_row", "_raw", *values, *cats, *carried, label.alias("_lab"), reason.alias("_reason"))
 
 
-def tally(parsed: DataFrame, source: Source) -> Tally:
-    """One aggregate: input and quarantine counts, and the distinct labels of the clean rows."""
+def tally(parsed: DataFrame, source: Source, auto: bool = False) -> Tally:
+    """One aggregate: input and quarantine counts, and the distinct labels of the clean rows.
+
+    ``auto`` (data.task: auto) refuses a numeric label that looks continuous (see MAX_AUTO_CLASSES).
+    """
     clean = F.col("_reason").isNull()
     groups = (
         parsed.groupBy(clean.alias("ok"), F.when(clean, F.col("_lab")).alias("_lab"))
@@ -84,6 +91,8 @@ def tally(parsed: DataFrame, source: Source) -> Tally:
     bad = [g for g in groups if not g["ok"]]
     quarantined = sum(g["n"] for g in bad)
     labels = {g["_lab"]: g["num"] for g in groups if g["ok"]}
+    if auto:
+        _refuse_continuous(labels, source)
     if len(labels) > MAX_CLASSES:
         raise SpecError(
             f"data.label: column {source.label!r} of {source.describe()} has over {MAX_CLASSES} distinct "
@@ -124,6 +133,24 @@ def indexed(parsed: DataFrame, tally: Tally, n_features: int, regression: bool =
         pairs = [F.lit(x) for key, i in sorted(tally.index.items()) for x in (key, i)]
         label = F.create_map(*pairs)[F.col("_lab")].cast("long")
     return parsed.filter(F.col("_reason").isNull()).select(*values, *carried, label.alias("label"))
+
+
+def _refuse_continuous(labels: dict[str, float | None], source: Source) -> None:
+    numbers = list(labels.values())
+    if not numbers or not all(v is not None and math.isfinite(v) for v in numbers):
+        return  # text labels are class names
+    fractional = next((key for key, v in labels.items() if not v.is_integer()), None)
+    distinct = len(set(numbers))
+    if fractional is None and distinct <= MAX_AUTO_CLASSES:
+        return
+    many = f"over {MAX_CLASSES}" if len(labels) > MAX_CLASSES else str(distinct)
+    why = (f"non-integer values such as {fractional}" if fractional is not None
+           else f"{many} distinct integer values (task: auto takes at most {MAX_AUTO_CLASSES} as classes)")
+    raise SpecError(
+        f"data.task: label column {source.label!r} of {source.describe()} is numeric with {why}; it looks "
+        "like a continuous target. Set data.task: regression to predict it, or data.task: classification "
+        "to treat each value as a class"
+    )
 
 
 def _as_double(value: Column) -> Column:

@@ -1,7 +1,7 @@
 """The Spark steps of a prep, in order: read → clean → split → fit stats → write → finish.
 
 Spark jobs, in order: number the source's rows (CSV/Parquet), count rows and labels, count the
-distinct rows (caching them), fit stats on train, write the splits, write the quarantine.
+distinct rows and those sharing a feature vector (caching them), fit stats on train, write the splits, write the quarantine.
 """
 
 from __future__ import annotations
@@ -42,14 +42,18 @@ def run(
     hold: list[DataFrame] = []
     try:
         parsed = clean.parse(readers.read(spark, source, hold, group), source, regression, group)
-        tally = clean.tally_regression(parsed) if regression else clean.tally(parsed, source)
+        tally = clean.tally_regression(parsed) if regression else clean.tally(parsed, source, data.task == "auto")
         log.info(
             "%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes)
         )
         c = len(source.categorical)
         rows = split.assign(clean.indexed(parsed, tally, d, regression, c), data.split, d, not regression, c).cache()
         hold.append(rows)
-        distinct = rows.count()
+        overlap = split.shared(rows)
+        distinct = overlap.pop("rows")
+        if overlap["conflicting_labels"]:
+            log.warning("%d rows share their features with a row of another label; each such group is "
+                        "kept whole in one split", overlap["conflicting_labels"])
         train = rows.filter(F.col("split") == "train")
         stats = normalize.fit(train, data.normalize, d)
         target = _target_stats(train) if regression else None
@@ -69,6 +73,9 @@ def run(
     if sum(sizes.values()) != distinct:  # a lost row is a bug here, never something to ship
         raise RuntimeError(f"prep lost rows: {distinct} distinct rows but splits hold {sizes}")
     manifest = _manifest(spark, source, data, tally, stats, counts, shape, digest)
+    # Distinct rows whose feature vector another row also has (with another label or partition value);
+    # split.assign keeps each such vector in one split, so they are counted in the splits, not dropped.
+    manifest["overlap"] = overlap
     if target is not None:
         manifest["target_stats"] = target
     if vocab:

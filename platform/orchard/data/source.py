@@ -23,7 +23,7 @@ from orchard.config import DataSpec, SpecError
 from orchard.data.manifest import slug
 
 # Bump when the prep's output for the same input changes, so old folders are not reused.
-PREP_VERSION = "orchard-data/1"
+PREP_VERSION = "orchard-data/2"  # 2: splits by feature vector (split.py)
 SKLEARN_DATASETS = ("digits", "breast_cancer", "diabetes")
 SKLEARN_TASKS = {"diabetes": "regression"}
 DEFAULT_IMAGE_SHAPES = {"digits": [1, 8, 8]}
