@@ -24,7 +24,11 @@ Details the writer guarantees:
 - with ``federated.partition_by`` (a federated job, ``partition: natural``), each split has a third
   column ``group`` (string: the source column's value) and ``partition_column`` records
   ``{"source": <column>, "column": "group", "distinct": {split: number of distinct values}}``;
-  rows with an empty value are quarantined, and rows that differ only in it are not duplicates.
+  rows with an empty value are quarantined, and rows that differ only in it are not duplicates
+  (they are kept, in one split);
+- rows with equal features always share a split, whatever their label or group (no feature vector is
+  in two splits); ``overlap`` counts the kept rows whose features another row also has
+  (``shared_features``) and those among them whose labels differ (``conflicting_labels``).
 """
 
 from __future__ import annotations
