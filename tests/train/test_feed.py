@@ -94,3 +94,24 @@ def test_rank_slices_partition_the_batches(split_folder, ray_local):
     assert seen == list(range(ROWS))
     counts = [len(b) for b in per_rank]
     assert max(counts) - min(counts) <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("materialize", [True, False])
+def test_blocks_come_in_file_order_on_every_read(split_folder, ray_local, materialize, monkeypatch):
+    """Not in the order read tasks finish: a seeded block shuffle of that order would differ run to run."""
+    from orchard.train import feed
+
+    if not materialize:
+        monkeypatch.setattr(feed, "MATERIALIZE_SHARE", 0.0)
+    for _read in range(3):
+        ds = feed.read_split(str(split_folder), ROWS, DIM)
+        assert ds.context.execution_options.preserve_order
+        labels = torch.cat([y for _, y in feed.tensor_batches(ds, BATCH)])
+        assert labels.tolist() == list(range(ROWS))  # files p0..p4 hold rows 0..999 in order
+
+
+def test_ray_train_ingest_keeps_block_order():
+    from orchard.train.feed import ingest_options
+
+    assert ingest_options().preserve_order

@@ -214,8 +214,7 @@ def evaluate(
             out = model(x)
         sums.add(out.float(), y)
     if dist.is_available() and dist.is_initialized():
-        for t in sums.tensors():
-            dist.all_reduce(t)
+        sums.all_reduce()  # every rank calls it: sums are all-reduced, ROC-AUC scores all-gathered
     metrics = sums.metrics()
     loss = metrics.pop("loss")
     acc = metrics.pop("accuracy", None)

@@ -1,7 +1,8 @@
 """What a model's outputs mean: the loss that trains them and the metrics that judge them.
 
-Every metric is built from sums that can be all-reduced across ranks (a confusion matrix, score
-histograms, error sums), so sharded evaluation gives the same figures as one process.
+Every metric is built from what can be combined across ranks exactly: sums that are all-reduced (a
+weighted loss's numerator and denominator, a confusion matrix, error sums) and, for ROC-AUC, every row's
+score, gathered. So sharded evaluation, at any batch size, gives the same figures as one process.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from orchard.config import TrainSpec
 from orchard.engine.metrics import classification_metrics
-
-AUC_BINS = 4096  # score histogram resolution for ROC-AUC; ties inside a bin count as half
 
 
 @dataclass
@@ -37,6 +38,32 @@ class Task:
         if self.single_output:
             return self.loss_fn(out.squeeze(-1).float(), y.to(torch.float32))
         return self.loss_fn(out.float(), y)
+
+    def loss_sum(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's summed loss and the denominator ``loss_fn``'s mean divides it by.
+
+        A class-weighted cross-entropy's mean is sum(w[y]·l) / sum(w[y]): averaging per-batch means would
+        make a split's loss depend on the batch size and the number of ranks. Summing both parts over the
+        split and dividing once is the mean over all its rows at once.
+        """
+        fn, n = self.loss_fn, y.new_tensor(float(y.shape[0]), dtype=torch.float64)
+        # Row losses are summed in float64, so the split's sum barely depends on how rows are batched.
+        if isinstance(fn, nn.CrossEntropyLoss) and not self.single_output:
+            rows = F.cross_entropy(out.float(), y, weight=fn.weight, ignore_index=fn.ignore_index,
+                                   reduction="none", label_smoothing=fn.label_smoothing)
+            kept = y != fn.ignore_index
+            denom = fn.weight[y[kept]].double().sum() if fn.weight is not None else kept.sum().double()
+            return rows.double().sum(), denom
+        pred, target = out.squeeze(-1).float(), y.to(torch.float32)
+        if isinstance(fn, nn.BCEWithLogitsLoss):  # pos_weight scales rows; the mean is still over rows
+            rows = F.binary_cross_entropy_with_logits(pred, target, pos_weight=fn.pos_weight, reduction="none")
+        elif isinstance(fn, nn.MSELoss):
+            rows = F.mse_loss(pred, target, reduction="none")
+        elif isinstance(fn, nn.HuberLoss):
+            rows = F.huber_loss(pred, target, reduction="none", delta=fn.delta)
+        else:
+            return self.loss(out, y).double() * n, n  # any other loss: taken as an unweighted mean over rows
+        return rows.double().sum(), n
 
     def predict(self, out: torch.Tensor) -> torch.Tensor:
         """Class index (classification) or value (regression) per row."""
@@ -90,21 +117,26 @@ def _class_weights(spec: TrainSpec, k: int, counts: list[int] | None) -> torch.T
 
 
 class EvalSums:
-    """Device-resident sums for one evaluation pass; ``tensors()`` is what ranks all-reduce."""
+    """Sums and scores for one evaluation pass, kept on the device; ``all_reduce`` combines the ranks'."""
 
     def __init__(self, task: Task, device: torch.device) -> None:
         self.task = task
         z = lambda n, dt=torch.float64: torch.zeros(n, device=device, dtype=dt)  # noqa: E731
-        self.loss = z(1)
+        self.loss = z(1)  # sum of row losses (class-weighted where the loss is)
+        self.weight = z(1)  # what the loss's mean divides by: the rows' class weights, or the row count
         self.count = z(1)
         k = max(task.num_classes, 1)
         self.confusion = z(k * k, torch.int64)
-        self.pos_hist, self.neg_hist = z(AUC_BINS), z(AUC_BINS)
         self.reg = z(5)  # sum |e|, sum e^2, sum y, sum y^2, n
+        # Binary tasks keep each row's positive-class score for an exact ROC-AUC: 12 bytes a row.
+        self.scores: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
 
     def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
         n = y.shape[0]
-        self.loss += self.task.loss(out, y).double() * n
+        total, denom = self.task.loss_sum(out, y)
+        self.loss += total
+        self.weight += denom
         self.count += n
         if self.task.kind == "regression":
             pred, yf = out.squeeze(-1).double(), y.double()
@@ -116,16 +148,31 @@ class EvalSums:
         self.confusion += torch.bincount(y * k + self.task.predict(out), minlength=k * k)
         score = self.task.positive_score(out)
         if score is not None:
-            b = (score.clamp(0, 1) * (AUC_BINS - 1)).long()
-            self.pos_hist += torch.bincount(b[y == 1], minlength=AUC_BINS).double()
-            self.neg_hist += torch.bincount(b[y == 0], minlength=AUC_BINS).double()
+            self.scores.append(score.detach().float())
+            self.labels.append(y.detach())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.loss, self.count, self.confusion, self.pos_hist, self.neg_hist, self.reg]
+        """What ranks sum; the scores are gathered instead (``all_reduce``)."""
+        return [self.loss, self.weight, self.count, self.confusion, self.reg]
+
+    def all_reduce(self) -> None:
+        """Combine every rank's pass: afterwards each rank holds the whole split's sums and scores."""
+        for t in self.tensors():
+            dist.all_reduce(t)
+        if self.task.kind == "binary":
+            scores, labels = _all_gather_rows(torch.stack(self.score_arrays()))
+            self.scores, self.labels = [scores], [labels]
+
+    def score_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, labels) as float64 tensors on the device, for every row seen (or gathered)."""
+        if not self.scores:
+            empty = torch.zeros(0, device=self.loss.device, dtype=torch.float64)
+            return empty, empty
+        return torch.cat(self.scores).double(), torch.cat(self.labels).double()
 
     def metrics(self) -> dict[str, float]:
-        n = max(self.count.item(), 1.0)
-        out = {"loss": self.loss.item() / n}
+        w = self.weight.item()
+        out = {"loss": self.loss.item() / w if w > 0 else 0.0}
         if self.task.kind == "regression":
             abs_e, sq_e, sy, syy, m = self.reg.tolist()
             m = max(m, 1.0)
@@ -134,7 +181,8 @@ class EvalSums:
             return out
         out |= classification_metrics(self.confusion_matrix())
         if self.task.kind == "binary":
-            out["roc_auc"] = roc_auc_from_histograms(self.pos_hist.cpu().numpy(), self.neg_hist.cpu().numpy())
+            scores, labels = self.score_arrays()
+            out["roc_auc"] = roc_auc(scores.cpu().numpy(), labels.cpu().numpy())
         return out
 
     def confusion_matrix(self) -> np.ndarray:
@@ -142,10 +190,35 @@ class EvalSums:
         return self.confusion.reshape(k, k).cpu().numpy()
 
 
-def roc_auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(score_pos > score_neg) + ½ P(tie), with scores binned; the Mann-Whitney form of ROC-AUC."""
-    p, n = pos.sum(), neg.sum()
+def _all_gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``(2, n_rank)`` rows, concatenated in rank order; ranks may hold different counts."""
+    world = dist.get_world_size()
+    size = torch.tensor([local.shape[1]], device=local.device, dtype=torch.int64)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    # all_gather needs equal shapes: pad to the longest rank, then cut each back to its own count.
+    padded = torch.zeros(2, max(counts), device=local.device, dtype=local.dtype)
+    padded[:, : local.shape[1]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    rows = torch.cat([p[:, :c] for p, c in zip(parts, counts, strict=True)], dim=1)
+    return rows[0], rows[1]
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Exact ROC-AUC: P(score_pos > score_neg) + ½ P(tie) over all pairs (Mann-Whitney U / (P·N)).
+
+    From mid-ranks: a group of tied scores shares the mean of the ranks it spans, which counts every
+    tied positive-negative pair as half. NaN when a class is absent.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    pos = np.asarray(labels).ravel() == 1
+    p = int(pos.sum())
+    n = len(scores) - p
     if p == 0 or n == 0:
         return float("nan")
-    neg_below = np.cumsum(neg) - neg
-    return float(((pos * neg_below).sum() + 0.5 * (pos * neg).sum()) / (p * n))
+    _, group, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mid_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based ranks; exact halves in float64
+    rank_sum = mid_rank[group.ravel()[pos]].sum()
+    return float((rank_sum - p * (p + 1) / 2.0) / (p * n))

@@ -109,6 +109,10 @@ def read_split(path: str, rows: int, feature_dim: int, shuffle_files: bool = Fal
     Past ``MATERIALIZE_SHARE`` of the object store the split streams, so memory stays bounded; then, with
     ``shuffle_files``, every epoch reads the files in a new order (seeded, reseeded per execution). Block
     order is shuffled by the consumer (``tensor_batches(rng=...)``), materialized or not.
+
+    Blocks come out in file order (``preserve_order``), never in the order parallel read tasks finish:
+    a seeded shuffle of an arrival order is not reproducible, and rank slices need every rank to see
+    the same order.
     """
     import ray
     import ray.data
@@ -116,6 +120,22 @@ def read_split(path: str, rows: int, feature_dim: int, shuffle_files: bool = Fal
 
     store = ray.cluster_resources().get("object_store_memory", 0)
     if rows * (feature_dim * 4 + 16) <= MATERIALIZE_SHARE * store:
-        return ray.data.read_parquet(path).materialize()
+        return _ordered(ray.data.read_parquet(path)).materialize()
     shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle_files else None
-    return ray.data.read_parquet(path, shuffle=shuffle)
+    return _ordered(ray.data.read_parquet(path, shuffle=shuffle))
+
+
+def _ordered(ds):
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def ingest_options():
+    """Ray Train's ingest options with ``preserve_order``: ``DataConfig`` applies these to every dataset,
+    replacing each one's own; in order, ``streaming_split`` deals the same blocks to the same rank on
+    every run (it hands each block to the rank with the fewest rows so far)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options

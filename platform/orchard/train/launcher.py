@@ -104,7 +104,7 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchard.train.feed import read_split
+    from orchard.train.feed import ingest_options, read_split
     from orchard.train.worker import TEST_FILE, train_loop
 
     init_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker + 1)
@@ -125,7 +125,7 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         datasets=datasets,
         # val/test are read whole by every rank, which evaluates every world-th batch: exact counts, no dropped rows.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
         run_config=RunConfig(
             name=run_name or f"{spec.name}-{logger.run_id if logger else spec.digest()}",
             storage_path=str(Path(spec.scaling.storage_path).resolve()),

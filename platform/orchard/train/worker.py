@@ -50,6 +50,8 @@ def train_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy=spec.scaling.strategy)
     if spec.train.compile:
         model = torch.compile(model)
+    # The same weights on every rank (seeded above), then a stream per rank: its own dropout masks.
+    seed_everything(spec.train.seed + rank)
     optimizer = build_optimizer(model, spec.train, device)
     rows = manifest["counts"]["train"] // world
     steps = math.ceil(math.ceil(rows / spec.train.batch_size) / spec.train.grad_accum)
