@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orchard import __version__
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"run": _run, "prep": _prep, "check": _check, "demo": _demo, "ui": _ui, "bench": _bench,
                 "sync-tracking": _sync_tracking, "submit": _submit, "jobs": _jobs}[args.verb](args, console)
     except SpecError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # The message quotes the user's keys and values: "[/x]" there is text, not rich markup.
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

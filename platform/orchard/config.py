@@ -22,7 +22,8 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan passes no range check and inf passes every lower bound: neither is a setting anyone means.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SplitSpec(_Section):
@@ -399,10 +400,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not parts:
         raise SpecError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise SpecError(f"--set {key}: value is not valid YAML: {exc}") from None
     return parts, value
+
+
+def _yaml(text: str | bytes) -> Any:
+    """``yaml.safe_load`` that fails only with ``yaml.YAMLError``.
+
+    PyYAML's constructors raise built-in errors on some scalars (``2020-13-45`` is read as a timestamp,
+    5000 digits exceed ``int()``'s limit, ``!!float abc``, an empty ``!!int``) and recurse once per
+    nesting level.
+    """
+    try:
+        return yaml.safe_load(text)
+    except (ValueError, TypeError, AttributeError, LookupError, OverflowError, RecursionError) as exc:
+        raise yaml.YAMLError(f"{type(exc).__name__}: {exc}") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -424,11 +438,11 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """Read, override and validate a spec. Raises SpecError naming the file and every bad key."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes()  # PyYAML decodes (UTF-8/16, BOM) and reports bad bytes as a YAMLError
     except OSError as exc:
         raise SpecError(f"{path}: cannot read spec ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _yaml(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

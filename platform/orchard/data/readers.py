@@ -22,6 +22,11 @@ from orchard.data.source import Source, load_sklearn
 
 # A quoted CSV field with "" as the escaped quote (RFC 4180); removed before counting separators.
 _QUOTED_FIELD = r'"(?:[^"]|"")*"'
+# A line that ends inside a quoted field opened at a field start; a line that closes such a field and
+# ends with well-formed fields. A record spanning lines starts with the first and ends with the second.
+_OPENS = r'^(?:(?:"(?:[^"]|"")*"|[^",]*),)*"(?:[^"]|"")*$'
+_CLOSES = r'^(?:[^"]|"")*"(?:,(?:"(?:[^"]|"")*"|[^",]*))*$'
+MAX_RECORD_LINES = 1000  # a field left open longer than this is a stray quote, not a multi-line value
 GROUP_RAW = "_g"
 
 
@@ -67,7 +72,7 @@ def _read_sklearn(spark: SparkSession, source: Source) -> DataFrame:
 
 
 def _read_csv(spark: SparkSession, source: Source, hold: list[DataFrame], group: str | None) -> DataFrame:
-    lines = _numbered(spark.read.text(source.location), hold)
+    lines = _records(spark, _numbered(spark.read.text(source.location), hold))
     # Line 0 is the header; blank lines carry no row (like Spark's own CSV reader) but keep numbering.
     lines = lines.filter((F.col("_line") > 0) & (F.trim("value") != ""))
     width = len(source.columns)
@@ -84,6 +89,38 @@ def _read_csv(spark: SparkSession, source: Source, hold: list[DataFrame], group:
         parsed[f"_c{index[source.label]}"].alias("_y"),
         *([parsed[f"_c{index[group]}"].alias(GROUP_RAW)] if group else []),
     )
+
+
+def _records(spark: SparkSession, lines: DataFrame) -> DataFrame:
+    """(``_line``, ``value``) per CSV record: a quoted field holding newlines (RFC 4180) joins its lines.
+
+    Only a line with an odd number of quotes can open or close such a field, so only those reach the
+    driver (as line numbers); the record keeps the number of its first line. A quote that is never
+    closed leaves its line a record of its own (quarantined for its quoting).
+    """
+    quotes = F.length("value") - F.length(F.regexp_replace("value", '"', ""))
+    marks = lines.filter(quotes % 2 == 1).select(
+        "_line", F.col("value").rlike(_OPENS).alias("opens"), F.col("value").rlike(_CLOSES).alias("closes")
+    ).collect()
+    spans, open_at = [], None
+    for m in sorted(marks, key=lambda m: m["_line"]):
+        if open_at is not None and m["closes"] and m["_line"] - open_at < MAX_RECORD_LINES:
+            spans.append((open_at, m["_line"]))
+            open_at = None
+        else:
+            open_at = m["_line"] if m["opens"] else None
+    if not spans:
+        return lines.select("_line", "value")
+    owner = spark.createDataFrame(spans, "_start LONG, _end LONG").select(
+        "_start", F.explode(F.sequence("_start", "_end")).alias("_line"))
+    tagged = lines.join(F.broadcast(owner), "_line", "left")
+    joined = (
+        tagged.filter(F.col("_start").isNotNull())
+        .groupBy(F.col("_start").alias("_line"))
+        .agg(F.sort_array(F.collect_list(F.struct("_line", "value"))).alias("_parts"))
+        .select("_line", F.concat_ws("\n", F.col("_parts.value")).alias("value"))
+    )
+    return tagged.filter(F.col("_start").isNull()).select("_line", "value").unionByName(joined)
 
 
 def _csv_problem(line: Column, width: int, corrupt: Column) -> Column:
