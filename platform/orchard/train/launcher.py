@@ -113,10 +113,6 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None
                               prepared.manifest["feature_dim"], shuffle_files=s == "train", seed=spec.train.seed)
                 for s in ("train", "val", "test")}
     use_gpu = _use_gpu(spec)
-    if spec.scaling.strategy == "fsdp" and not use_gpu:
-        from orchard.config import SpecError
-
-        raise SpecError("scaling.strategy: fsdp shards over GPUs, and this Ray cluster has none (use ddp)")
     progress_file = (run_dir / "progress.json").resolve() if run_dir else None
     trainer = TorchTrainer(
         train_loop,
