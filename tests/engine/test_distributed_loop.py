@@ -57,7 +57,8 @@ def _reference() -> tuple[nn.Module, torch.optim.Optimizer]:
     """One process, the same steps: micro-batch k is every rank's k-th micro-batch, concatenated."""
     model = _model()
     per_rank = [_rank_batches(r) for r in range(WORLD)]
-    joined = [(torch.cat([b[k][0] for b in per_rank]), torch.cat([b[k][1] for b in per_rank])) for k in range(MICRO)]
+    joined = [(torch.cat([b[k][0] for b in per_rank]), torch.cat([b[k][1] for b in per_rank]))
+              for k in range(MICRO)]
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     train_epoch(model, joined, opt, CPU, options=LoopOptions(grad_accum=2))
     return model, opt

@@ -81,7 +81,9 @@ def load_model_state(model: nn.Module, weights: dict[str, torch.Tensor]) -> None
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with full tensors, keyed by parameter index. Collective under FSDP (rank 0 only)."""
+    """``optimizer.state_dict()`` with full tensors, keyed by parameter index.
+
+    Collective under FSDP: rank 0 gets the state, the other ranks ``{}``."""
     if not is_sharded(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -105,7 +107,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd:
         names = {id(p): n for n, p in unwrap(model).named_parameters()}
         fqns = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
         sd = {"state": {fqns[int(i)]: v for i, v in sd["state"].items()},
-              "param_groups": [g | {"params": [fqns[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
+              "param_groups": [g | {"params": [fqns[int(i)] for i in g["params"]]}
+                               for g in sd["param_groups"]]}
     set_optimizer_state_dict(unwrap(model), optimizer, sd if _rank() == 0 else {},
                              options=_full_options(broadcast_from_rank0=True))
 
@@ -114,12 +117,12 @@ def save_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
                     state: dict[str, Any] | None = None) -> Path:
     """One process's checkpoint. Distributed workers gather with ``model_state``/``optimizer_state`` on every
     rank and call ``write_checkpoint`` on rank 0."""
-    return write_checkpoint(folder, model_state(model), optimizer_state(model, optimizer) if optimizer else None,
-                            state)
+    optim = optimizer_state(model, optimizer) if optimizer is not None else None
+    return write_checkpoint(folder, model_state(model), optim, state)
 
 
-def write_checkpoint(folder: str | Path, weights: dict[str, torch.Tensor], optim: dict[str, Any] | None = None,
-                     state: dict[str, Any] | None = None) -> Path:
+def write_checkpoint(folder: str | Path, weights: dict[str, torch.Tensor],
+                     optim: dict[str, Any] | None = None, state: dict[str, Any] | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / MODEL_FILE))

@@ -113,6 +113,11 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None
                               prepared.manifest["feature_dim"], shuffle_files=s == "train", seed=spec.train.seed)
                 for s in ("train", "val", "test")}
     use_gpu = _use_gpu(spec)
+    cut = prepared.manifest["counts"]["train"] % spec.scaling.num_workers
+    # Ray's streaming_split(equal=True) drops the remainder; workers report train/rows_dropped_per_epoch.
+    if cut:
+        log.warning("train: %d training row(s) are left out of each epoch so %d workers get equal shards",
+                    cut, spec.scaling.num_workers)
     progress_file = (run_dir / "progress.json").resolve() if run_dir else None
     trainer = TorchTrainer(
         train_loop,

@@ -90,12 +90,14 @@ def train_loop(config: dict[str, Any]) -> None:
             log.warning("train: %d of %d training rows are left out each epoch to give %d workers equal shards",
                         dropped, train_rows, world)
         metrics = {"epoch": epoch, **tr.as_metrics("train"), **va.as_metrics("val"),
-                   "train/samples": tr.samples, "train/rows_dropped_per_epoch": dropped, "train/lr": optimizer.param_groups[0]["lr"],
+                   "train/samples": tr.samples, "train/rows_dropped_per_epoch": dropped,
+                   "train/lr": optimizer.param_groups[0]["lr"],
                    "train/epoch_seconds": train_s, "train/samples_per_s": tr.samples / max(train_s, 1e-9)}
         if epoch == start and start > 1:
             metrics["train/resumed_from"] = start - 1  # visible in MLflow: where a restart picked up
         if stopper.update(metrics, epoch):
-            best = model_state(model)  # collective under FSDP; rank 0 holds the weights  # without early stopping best stays None: the last epoch is used
+            # Without early stopping best stays None: the last epoch is used. Collective under FSDP (rank 0 holds it).
+            best = model_state(model)
         history.append(metrics)
         state = {"epoch": epoch, "history": history, "stopper": stopper.state(), "scheduler": _sched_state(opts)}
         _report(metrics | {"best_epoch": stopper.best_epoch or epoch}, rank, model, optimizer, state, best)
@@ -141,8 +143,8 @@ def _sched_state(opts: LoopOptions) -> dict[str, Any] | None:
 
 
 def _parallelize(model: nn.Module, strategy: str, device: torch.device, world: int) -> nn.Module:
-    """DDP through Ray's ``prepare_model``; FSDP with PyTorch's FSDP2 ``fully_shard``, which runs on CPU (gloo)
-    as well as GPUs (Ray's own ``parallel_strategy="fsdp"`` is FSDP1 and refuses CPUs)."""
+    """DDP through Ray's ``prepare_model``; FSDP with PyTorch's FSDP2 ``fully_shard``, which runs on CPUs
+    (gloo) as well as GPUs (Ray's own ``parallel_strategy="fsdp"`` is FSDP1 and refuses CPUs)."""
     if strategy != "fsdp" or world == 1:
         return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
     from torch.distributed.device_mesh import init_device_mesh
