@@ -70,7 +70,7 @@ def test_fsdp_workers_learn_digits_resume_and_save_a_plain_checkpoint(odd_digits
     assert result.history[2]["train/resumed_from"] == 2
     assert result.history[3]["train/loss"] < result.history[0]["train/loss"]
 
-    # Floor from real runs here: 0.941 with the resume, 0.948 straight through; DDP on the same spec 0.944.
+    # Floor from real runs here: 0.937-0.941 with the resume, 0.948 straight through; DDP on this spec 0.944.
     assert result.test_metrics["test/accuracy"] >= 0.90
     assert result.confusion.sum() == odd_digits.manifest["counts"]["test"]  # padded eval steps count nothing
 
