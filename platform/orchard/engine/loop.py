@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,32 +152,61 @@ def train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen, micro = 0, 0
     optimizer.zero_grad(set_to_none=True)
-    for x, y in batches:
+    for (x, y), last in _flag_last(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if task is None:
             task = default_task(0)
-        with _autocast(device, opts.autocast_dtype):
-            out = model(x)
-            loss = task.loss(out, y)
-        if proximal_mu > 0 and global_params is not None:
-            # FedProx: keep the local model near the round's global weights.
-            prox = sum((p - g).pow(2).sum() for p, g in zip(model.parameters(), global_params, strict=True))
-            loss = loss + proximal_mu / 2 * prox
-        scaled = loss / opts.grad_accum if opts.grad_accum > 1 else loss  # no extra graph node when 1
-        (opts.scaler.scale(scaled) if opts.scaler else scaled).backward()
         micro += 1
-        if micro % opts.grad_accum == 0:
-            _step(model, optimizer, opts)
+        # Gradients cross ranks only on the backward before an optimizer step, the epoch's last included:
+        # a step on unsynchronised gradients would let ranks' weights drift apart.
+        steps = micro % opts.grad_accum == 0 or last
+        with _grad_sync(model, steps) if opts.grad_accum > 1 else contextlib.nullcontext():
+            with _autocast(device, opts.autocast_dtype):
+                out = model(x)
+                loss = task.loss(out, y)
+            if proximal_mu > 0 and global_params is not None:
+                # FedProx: keep the local model near the round's global weights.
+                prox = sum((p - g).pow(2).sum() for p, g in zip(model.parameters(), global_params, strict=True))
+                loss = loss + proximal_mu / 2 * prox
+            scaled = loss / opts.grad_accum if opts.grad_accum > 1 else loss  # no extra graph node when 1
+            (opts.scaler.scale(scaled) if opts.scaler else scaled).backward()
+        if steps:
+            _step(model, optimizer, opts)  # the epoch's last partial accumulation still counts
+            micro = 0
         loss_sum.add_(loss.detach(), alpha=y.shape[0])  # one op (float64 sum of float32 losses)
         if task.classification:
             correct += (task.predict(out.detach()) == y).sum()
         seen += int(y.shape[0])
-    if micro % opts.grad_accum:
-        _step(model, optimizer, opts)  # the epoch's last partial accumulation still counts
     total_loss, total_correct, total_seen = _reduce([loss_sum.item(), float(correct.item()), float(seen)], device)
     n = max(total_seen, 1.0)
     acc = total_correct / n if task is None or task.classification else None
     return EpochResult(loss=total_loss / n, accuracy=acc, samples=int(total_seen))
+
+
+def _flag_last(batches: Iterable[Batch]) -> Iterator[tuple[Batch, bool]]:
+    """Each batch with whether it is the last: one batch read ahead, so the final backward can sync."""
+    it = iter(batches)
+    prev = next(it, None)
+    while prev is not None:
+        nxt = next(it, None)
+        yield prev, nxt is None
+        prev = nxt
+
+
+def _grad_sync(model: nn.Module, sync: bool):
+    """Skip the gradient all-reduce (DDP ``no_sync``) or reduce-scatter (FSDP2) on accumulation micro-steps.
+
+    Ranks must agree on ``sync``: they step in lockstep (equal shards), so the last batch is the same step.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP/FSDP module
+    if isinstance(inner, DistributedDataParallel):
+        return contextlib.nullcontext() if sync else inner.no_sync()
+    if isinstance(inner, FSDPModule):
+        inner.set_requires_gradient_sync(sync)  # a flag, read by the backward hooks of this micro-step
+    return contextlib.nullcontext()
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, opts: LoopOptions) -> None:
@@ -202,18 +231,29 @@ def evaluate(
     device: torch.device,
     task: Task | int,
     options: LoopOptions | None = None,
+    pad_input: torch.Tensor | None = None,
 ) -> EpochResult:
-    """Loss and the task's metrics over ``batches`` (global across ranks). ``task`` may be a class count."""
+    """Loss and the task's metrics over ``batches`` (global across ranks). ``task`` may be a class count.
+
+    With ``pad_input`` (one input row) ranks forward in lockstep even when their batch counts differ, as a
+    sharded (FSDP) forward needs: every forward all-gathers parameters, so a rank that stopped early would
+    leave the others waiting forever. A rank out of batches forwards ``pad_input`` and drops the output.
+    """
     task = default_task(task) if isinstance(task, int) else task
     dtype = options.autocast_dtype if options else None
+    distributed = dist.is_available() and dist.is_initialized()
     model.eval()
     sums = EvalSums(task, device)
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for batch in _lockstep(batches, device) if pad_input is not None and distributed else batches:
+        if batch is None:
+            with _autocast(device, dtype):
+                model(pad_input.to(device))
+            continue
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         with _autocast(device, dtype):
             out = model(x)
         sums.add(out.float(), y)
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         sums.all_reduce()  # every rank calls it: sums are all-reduced, ROC-AUC scores all-gathered
     metrics = sums.metrics()
     loss = metrics.pop("loss")
@@ -221,3 +261,18 @@ def evaluate(
     confusion = sums.confusion_matrix() if task.classification else None
     return EpochResult(loss=loss, accuracy=acc, samples=int(sums.count.item()), confusion=confusion,
                        metrics=metrics)
+
+
+def _lockstep(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch | None]:
+    """This rank's batches, then ``None`` until every rank has run out (one flag all-reduce per step).
+
+    Padding rather than every rank evaluating every batch: the work stays split across ranks, and the
+    cost is one small collective per batch next to the forward's own all-gathers."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        yield batch

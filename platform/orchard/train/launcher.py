@@ -113,10 +113,11 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None
                               prepared.manifest["feature_dim"], shuffle_files=s == "train", seed=spec.train.seed)
                 for s in ("train", "val", "test")}
     use_gpu = _use_gpu(spec)
-    if spec.scaling.strategy == "fsdp" and not use_gpu:
-        from orchard.config import SpecError
-
-        raise SpecError("scaling.strategy: fsdp shards over GPUs, and this Ray cluster has none (use ddp)")
+    cut = prepared.manifest["counts"]["train"] % spec.scaling.num_workers
+    # Ray's streaming_split(equal=True) drops the remainder; workers report train/rows_dropped_per_epoch.
+    if cut:
+        log.warning("train: %d training row(s) are left out of each epoch so %d workers get equal shards",
+                    cut, spec.scaling.num_workers)
     progress_file = (run_dir / "progress.json").resolve() if run_dir else None
     trainer = TorchTrainer(
         train_loop,

@@ -1,14 +1,16 @@
 """The per-worker training function: plain PyTorch with Ray at marked points only.
 
-Ray appears in four places: the dataset shard, ``prepare_model``, ``get_checkpoint`` and ``report``.
-Every worker calls ``report`` the same number of times (it is a barrier); only rank 0 attaches a
-checkpoint. Every rank sees the same all-reduced validation metrics, so every rank takes the same
+Ray appears in four places: the dataset shard, ``prepare_model`` (DDP; FSDP is PyTorch's own
+``fully_shard``), ``get_checkpoint`` and ``report``. Every worker calls ``report`` the same number of times
+(it is a barrier); every rank gathers the checkpoint's tensors (a collective under FSDP) and only rank 0
+attaches it. Every rank sees the same all-reduced validation metrics, so every rank takes the same
 early-stopping decision and the report counts stay equal.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
@@ -25,10 +27,19 @@ from orchard.config import JobSpec
 from orchard.data.manifest import label_dtype as manifest_label_dtype
 from orchard.engine import LoopOptions, build_optimizer, evaluate, make_task, seed_everything, train_epoch
 from orchard.engine.cache import EpochCache, cache_budget
-from orchard.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from orchard.engine.checkpoint import (
+    is_sharded,
+    load_checkpoint,
+    load_model_state,
+    model_state,
+    optimizer_state,
+    write_checkpoint,
+)
 from orchard.engine.early_stopping import EarlyStopper
 from orchard.models import build_model
 from orchard.train.feed import tensor_batches
+
+log = logging.getLogger("orchard.train")
 
 TEST_FILE = "test.json"
 BEST_FILE = "best.safetensors"
@@ -47,7 +58,7 @@ def train_loop(config: dict[str, Any]) -> None:
     task = make_task(manifest, spec.train, manifest.get("class_counts"))
     task.loss_fn.to(device)
     model = build_model(spec, manifest)
-    model = ray.train.torch.prepare_model(model, parallel_strategy=spec.scaling.strategy)
+    model = _parallelize(model, spec.scaling.strategy, device, world)
     if spec.train.compile:
         model = torch.compile(model)
     # The same weights on every rank (seeded above), then a stream per rank: its own dropout masks.
@@ -59,6 +70,9 @@ def train_loop(config: dict[str, Any]) -> None:
     stopper = EarlyStopper(spec.train.early_stopping)
 
     start, history, best = _resume(model, optimizer, opts, stopper)
+    # A sharded forward is a collective: ranks with fewer rank-sliced eval batches forward a dummy row.
+    pad = torch.zeros(1, manifest["feature_dim"]) if spec.scaling.strategy == "fsdp" and world > 1 else None
+    train_rows = manifest["counts"]["train"]
     pin = device.type == "cuda"
     train_shard, val_ds = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     budget = cache_budget(device) if spec.train.cache == "auto" else 0
@@ -73,14 +87,20 @@ def train_loop(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         tr = train_epoch(model, train_data, optimizer, device, task, opts)
         train_s = time.perf_counter() - t0  # train_epoch ends in an all-reduce, so every rank has finished
-        va = evaluate(model, val_data, device, task, opts)
+        va = evaluate(model, val_data, device, task, opts, pad)
+        dropped = train_rows - tr.samples  # streaming_split(equal=True) cuts the split to a multiple of world
+        if dropped and epoch == start:
+            log.warning("train: %d of %d training rows are left out each epoch to give %d workers equal shards",
+                        dropped, train_rows, world)
         metrics = {"epoch": epoch, **tr.as_metrics("train"), **va.as_metrics("val"),
-                   "train/samples": tr.samples, "train/lr": optimizer.param_groups[0]["lr"],
+                   "train/samples": tr.samples, "train/rows_dropped_per_epoch": dropped,
+                   "train/lr": optimizer.param_groups[0]["lr"],
                    "train/epoch_seconds": train_s, "train/samples_per_s": tr.samples / max(train_s, 1e-9)}
         if epoch == start and start > 1:
             metrics["train/resumed_from"] = start - 1  # visible in MLflow: where a restart picked up
         if stopper.update(metrics, epoch):
-            best = _cpu_state(model)  # without early stopping best stays None: the last epoch is used
+            # Without early stopping best stays None: the last epoch is used. Collective under FSDP (rank 0 holds it).
+            best = model_state(model)
         history.append(metrics)
         state = {"epoch": epoch, "history": history, "stopper": stopper.state(), "scheduler": _sched_state(opts)}
         _report(metrics | {"best_epoch": stopper.best_epoch or epoch}, rank, model, optimizer, state, best)
@@ -89,10 +109,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
     # The best epoch's weights (by the early-stopping metric, else the last) are the ones tested and logged.
     if best is not None:
-        unwrap(model).load_state_dict(best)
+        load_model_state(model, best)
     te = evaluate(model, tensor_batches(ray.train.get_dataset_shard("test"), spec.train.batch_size * 4, label_dtype,
                            (rank, world), pin),
-                  device, task, opts)
+                  device, task, opts, pad)
     test_metrics = te.as_metrics("test")
     confusion = te.confusion.tolist() if te.confusion is not None else None
     last = history[-1]["epoch"] if history else spec.train.epochs
@@ -125,20 +145,36 @@ def _sched_state(opts: LoopOptions) -> dict[str, Any] | None:
     return {k: v for k, v in opts.scheduler.state_dict().items() if k != "lr_lambdas"}
 
 
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    # Collective under FSDP: every rank calls it, then only rank 0 writes.
-    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+def _parallelize(model: nn.Module, strategy: str, device: torch.device, world: int) -> nn.Module:
+    """DDP through Ray's ``prepare_model``; FSDP with PyTorch's FSDP2 ``fully_shard``, which runs on CPUs
+    (gloo) as well as GPUs (Ray's own ``parallel_strategy="fsdp"`` is FSDP1 and refuses CPUs)."""
+    if strategy != "fsdp" or world == 1:
+        return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = model.to(device)
+    mesh = init_device_mesh(device.type, (world,))
+    # Bottom-up, one group per top-level block: a block's parameters are gathered just before its forward
+    # and freed after, so at most one block is ever whole; the root takes what no block owns.
+    for child in model.children():
+        if any(p.requires_grad for p in child.parameters()):
+            fully_shard(child, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def _report(metrics: dict[str, Any], rank: int, model, optimizer, state: dict[str, Any],
             best: dict[str, torch.Tensor] | None, extra: dict[str, Any] | None = None) -> None:
+    # Under FSDP gathering the full tensors is a collective: every rank takes part, rank 0 receives them.
+    gather = rank == 0 or is_sharded(model)
+    weights, optim = (model_state(model), optimizer_state(model, optimizer)) if gather else ({}, {})
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, model, optimizer, state)
+        write_checkpoint(tmp, weights, optim, state)
         if best is not None:
             save_file({k: v.contiguous() for k, v in best.items()}, str(Path(tmp, BEST_FILE)))
         for name, payload in (extra or {}).items():
