@@ -22,7 +22,7 @@ from orchard.engine.checkpoint import (
     optimizer_state,
     write_checkpoint,
 )
-from orchard.models import build_model
+from orchard.models import build_from_dims
 from tests.net import free_port
 
 WORLD, MICRO, ROWS = 2, 3, 8  # 3 micro-batches per rank with grad_accum=2: one full, one partial step
@@ -32,7 +32,7 @@ CPU = torch.device("cpu")
 def _model() -> nn.Module:
     torch.manual_seed(0)
     # Widths that do not divide by the world size: FSDP shards dim 0 unevenly (17 = 9 + 8).
-    return build_model(ModelSpec(family="mlp", hidden=[17], dropout=0.0), 16, 3, None)
+    return build_from_dims(ModelSpec(family="mlp", hidden=[17], dropout=0.0), 16, 3, None)
 
 
 def _rank_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -15,7 +15,7 @@ from orchard.config import JobSpec
 from orchard.data.manifest import MANIFEST, load_manifest
 from orchard.engine import evaluate
 from orchard.engine.checkpoint import load_checkpoint
-from orchard.models import model_from_manifest
+from orchard.models import build_model
 from orchard.train import run_training
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def _spec(tmp_path, epochs: int) -> JobSpec:
 
 def _plain_test_metrics(spec: JobSpec, prepared, checkpoint_path: str) -> dict[str, float]:
     """The saved checkpoint in a plain (unwrapped, single-process) model, on every test row."""
-    model = model_from_manifest(spec.model, prepared.manifest, spec.data.sequence_shape, spec.train.loss)
+    model = build_model(spec, prepared.manifest)
     load_checkpoint(checkpoint_path, model)
     table = pds.dataset(str(prepared.split_path("test")), format="parquet").to_table()
     x = torch.from_numpy(np.stack(table.column("features").to_numpy(zero_copy_only=False)).astype(np.float32))
