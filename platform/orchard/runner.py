@@ -122,12 +122,13 @@ def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path, resume_
             result = _federate(spec, prepared, job, progress, run_dir)
             engine = f"Flower ({spec.federated.clients} clients)"
         model_uri = _step(progress, "log model and plots (MLflow)", lambda: _log_outputs(job, spec, prepared, result))
+        headline = ("R²", result["test/r2"]) if "test/r2" in result else ("accuracy", result["test/accuracy"])
+        job.describe(prepared.manifest, headline, sum(p.numel() for p in result["model"].parameters()))
         job.log_artifact(run_dir / "engine.log", "logs")
     except BaseException:
         job.finish("FAILED")
         raise
     job.finish("FINISHED")
-    headline = ("R²", result["test/r2"]) if "test/r2" in result else ("accuracy", result["test/accuracy"])
     return JobSummary(name=spec.name, kind=spec.kind, engine=engine, headline=headline,
                       test_f1=result.get("test/f1"), wall_s=0.0,
                       run_id=job.run_id, tracking_uri=job.uri, quarantined=prepared.quarantined,
