@@ -44,11 +44,12 @@ def run_job(spec: JobSpec, console: Console | None = None, resume: bool = False)
     """Run ``spec``; with ``resume``, continue its newest unfinished run from the last checkpoint."""
     console = console or Console()
     _check_engine_settings(spec)
-    _check_tracking(spec)
-    _join_cluster(spec)
-    resume_id = _resumable(spec) if resume else None
+    _join_cluster(spec)  # first: joining may re-extract the shipped folder, so nothing is written before
     run_dir = run_dir_for(spec)
     log_path = run_dir / "engine.log"
+    with engine_output_to(log_path, console):  # a fresh SQLite store logs its table creation: not on the terminal
+        _check_tracking(spec)
+        resume_id = _resumable(spec) if resume else None
     t0 = time.perf_counter()
     with engine_output_to(log_path, console) as term, _progress(term) as progress:
         prepared = _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
