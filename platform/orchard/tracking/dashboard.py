@@ -31,17 +31,31 @@ def experiment_tags() -> dict[str, str]:
 
 def run_tags(spec, spec_path: str | None = None) -> dict[str, str]:
     """Source tags for the run's Overview: the spec file (else the command), JOB under a Ray job, else LOCAL."""
+    spec_path = spec_path or _spec_path_from_argv()
     name = str(Path(spec_path).resolve()) if spec_path else invoked_command(spec)
     kind = "JOB" if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID") else "LOCAL"
     return {SOURCE_NAME_TAG: name, SOURCE_TYPE_TAG: kind}
 
 
+def _orchard_argv() -> list[str] | None:
+    argv = sys.argv
+    if len(argv) > 1 and Path(argv[0]).name in ("orchard", "cli.py", "__main__.py"):
+        return argv[1:]
+    return None
+
+
+def _spec_path_from_argv() -> str | None:
+    """The SPEC of ``orchard run|submit|prep SPEC`` when this process is that command."""
+    args = _orchard_argv()
+    if args and len(args) > 1 and args[0] in ("run", "prep", "submit") and Path(args[1]).is_file():
+        return args[1]
+    return None
+
+
 def invoked_command(spec) -> str:
     """The ``orchard ...`` command line that started this process, else ``orchard run <job name>``."""
-    argv = sys.argv
-    if argv and Path(argv[0]).name in ("orchard", "cli.py", "__main__.py") and len(argv) > 1:
-        return shlex.join(["orchard", *argv[1:]])
-    return f"orchard run {spec.name}"
+    args = _orchard_argv()
+    return shlex.join(["orchard", *args]) if args else f"orchard run {spec.name}"
 
 
 def experiment_url(base_url: str, experiment_id: str | None = None) -> str:
@@ -69,6 +83,7 @@ def run_description(spec, manifest: dict[str, Any], headline: tuple[str, float] 
         lines.append(f"- training: {epochs}, {spec.train.optimizer}, lr {spec.train.lr:g}")
     if headline is not None:
         lines.append(f"- result: test {headline[0]} **{headline[1]:.4f}**")
+    lines.append(f"- command: `{invoked_command(spec)}`")
     return "\n".join(lines)
 
 
