@@ -163,7 +163,7 @@ def _print_summary(summaries, console: Console) -> None:
         console.print(f"tracking store: {summaries[0].tracking_uri}")
         for s in summaries:
             console.print(f"engine log of {s.name}: {s.log_path}")
-        console.print("open the dashboard: [bold]orchard ui[/]  (or make ui) → http://127.0.0.1:5000")
+        console.print("open the dashboard: [bold]orchard ui[/]  (or make ui); it prints each experiment's link")
 
 
 def _bench(args, console: Console) -> int:

@@ -208,7 +208,8 @@ def test_a_head_started_outside_its_venv_runs_the_job_with_the_venv_python(tmp_p
     bare = Stack()
     try:
         dashboard = bare.ray_cluster({"PATH": path}, nodes=1)
-        wait_for(lambda: _nodes_alive(dashboard) == 1, "a head node started outside its venv")
+        head_log = next(Path(bare.tmp).glob("head-*.log"))
+        wait_for(lambda: _nodes_alive(dashboard) == 1, "a head node started outside its venv", head_log, 300)
         client = JobSubmissionClient(dashboard)
         assert jobs.cluster_python(client) == str(BIN / "python3")  # what the head's Ray workers run
 

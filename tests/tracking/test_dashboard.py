@@ -32,11 +32,13 @@ def test_the_source_is_the_spec_file_from_the_command_line(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/x/orchard/cli.py", "run", str(ROOT / "jobs/digits-cnn.yaml")])
     monkeypatch.delenv("RAY_JOB_ID", raising=False)
     monkeypatch.delenv("RAY_JOB_SUBMISSION_ID", raising=False)
-    assert dashboard.run_tags(spec) == {"mlflow.source.name": str(ROOT / "jobs/digits-cnn.yaml"),
-                                        "mlflow.source.type": "LOCAL"}
+    tags = dashboard.run_tags(spec)
+    assert tags["mlflow.source.name"] == str(ROOT / "jobs/digits-cnn.yaml") and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"]  # the Overview's "Created by"
     monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_1")
     monkeypatch.setattr(sys, "argv", ["pytest"])
-    assert dashboard.run_tags(spec) == {"mlflow.source.name": "orchard run digits-cnn", "mlflow.source.type": "JOB"}
+    tags = dashboard.run_tags(spec)
+    assert tags["mlflow.source.name"] == "orchard run digits-cnn" and tags["mlflow.source.type"] == "JOB"
 
 
 def test_urls_ask_for_the_training_view():

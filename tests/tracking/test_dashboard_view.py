@@ -5,6 +5,7 @@ model training; the run page shows "No description" and no source unless the run
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -69,9 +70,13 @@ def test_an_orchard_experiment_opens_in_the_training_view_with_a_described_run(t
 
             browser.open(f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
                          "?workflowType=machine_learning")
-            page = browser.wait_for_text("Description", "test accuracy")
+            page = browser.wait_for_text("Description", "result: test accuracy")
             assert "No description" not in page
-            assert "breast-cancer-mlp" in page and "parameters" in page  # the job, and the model's size
+            assert re.search(r"breast-cancer-mlp: Orchard train job", page), page[-3000:]
+            assert re.search(r"model: mlp, [\d,]+ parameters", page) and re.search(r"test accuracy 0\.\d{4}", page)
+            assert "breast-cancer-mlp.yaml" in page  # the Source row
+            browser.call("Runtime.evaluate", expression="[...document.querySelectorAll('h1,h2,h3,h4,h5,span,div')]"
+                         ".find(e => e.textContent.startsWith('result: test'))?.scrollIntoView()")
             browser.screenshot(tmp_path / "run.png")
         if os.environ.get("ORCHARD_SCREENSHOT_DIR"):  # to look at the rendering by eye
             for png in ("dashboard.png", "run.png"):

@@ -11,6 +11,7 @@ Plain functions of the spec and results; no engine imports.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shlex
 import sys
@@ -22,6 +23,7 @@ TRAINING_KIND = "custom_model_development"  # the UI's "Machine learning" experi
 WORKFLOW_QUERY = "workflowType=machine_learning"
 NOTE_TAG = "mlflow.note.content"  # the run page's Description (markdown)
 SOURCE_NAME_TAG, SOURCE_TYPE_TAG = "mlflow.source.name", "mlflow.source.type"
+USER_TAG = "mlflow.user"  # the Overview's "Created by"
 
 
 def experiment_tags() -> dict[str, str]:
@@ -34,7 +36,14 @@ def run_tags(spec, spec_path: str | None = None) -> dict[str, str]:
     spec_path = spec_path or _spec_path_from_argv()
     name = str(Path(spec_path).resolve()) if spec_path else invoked_command(spec)
     kind = "JOB" if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID") else "LOCAL"
-    return {SOURCE_NAME_TAG: name, SOURCE_TYPE_TAG: kind}
+    return {SOURCE_NAME_TAG: name, SOURCE_TYPE_TAG: kind, USER_TAG: _user()}
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return "unknown"
 
 
 def _orchard_argv() -> list[str] | None:
