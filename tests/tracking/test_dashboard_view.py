@@ -75,7 +75,7 @@ def test_an_orchard_experiment_opens_in_the_training_view_with_a_described_run(t
             assert re.search(r"breast-cancer-mlp: Orchard train job", page), page[-3000:]
             assert re.search(r"model: mlp, [\d,]+ parameters", page) and re.search(r"test accuracy 0\.\d{4}", page)
             assert "breast-cancer-mlp.yaml" in page  # the Source row
-            browser.call("Runtime.evaluate", expression="[...document.querySelectorAll('h1,h2,h3,h4,h5,span,div')]"
+            browser.call("Runtime.evaluate", expression="[...document.querySelectorAll('li,p,span,div')]"
                          ".find(e => e.textContent.startsWith('result: test'))?.scrollIntoView()")
             browser.screenshot(tmp_path / "run.png")
         if os.environ.get("ORCHARD_SCREENSHOT_DIR"):  # to look at the rendering by eye
