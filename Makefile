@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint unit ui clean sysdeps services
+.PHONY: install demo test lint unit ui clean sysdeps test-sysdeps services
 
 # The whole pinned stack in ONE resolver call, so Flower's ray/packaging pins and ours hold together.
 $(STAMP): pyproject.toml constraints.txt
@@ -18,18 +18,25 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) sysdeps
 
-# Java runs Spark; Debian's docker-compose validates docker-compose.yml without a Docker daemon;
-# PostgreSQL backs the MLflow server of the cluster tests. apt runs only for what is missing.
-SYSPKGS := $(if $(shell command -v java),,openjdk-17-jre-headless) \
+# What `make demo` needs: Java runs Spark. apt runs only for what is missing.
+SYSPKGS := $(if $(shell command -v java),,openjdk-17-jre-headless)
+# What the checks add: Debian's docker-compose validates docker-compose.yml without a Docker daemon;
+# PostgreSQL backs the MLflow server of the cluster tests; headless Chromium renders MLflow's dashboard.
+TESTPKGS := $(SYSPKGS) \
            $(if $(shell command -v docker-compose),,docker-compose) \
-           $(if $(shell command -v pg_ctlcluster),,postgresql)
+           $(if $(shell command -v pg_ctlcluster),,postgresql) \
+           $(if $(shell command -v chromium),,chromium)
+APT_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 sysdeps:
-	@if [ -n "$(strip $(SYSPKGS))" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSPKGS); fi
+	@if [ -n "$(strip $(SYSPKGS))" ]; then $(APT_INSTALL) $(SYSPKGS); fi
+
+test-sysdeps:
+	@if [ -n "$(strip $(TESTPKGS))" ]; then $(APT_INSTALL) $(TESTPKGS); fi
 
 # The machine's PostgreSQL, with the role and database the MLflow server tests use
 # (ORCHARD_TEST_PG_URI points the tests here).
 PG_URI := postgresql://orchard:orchard@127.0.0.1:5432/orchard
-services: sysdeps
+services: test-sysdeps
 	@pg_ctlcluster 15 main start 2>/dev/null || pg_ctlcluster 15 main status >/dev/null
 	@su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='orchard'\"" | grep -q 1 || \
 	  su postgres -c "psql -qc \"CREATE ROLE orchard LOGIN CREATEDB PASSWORD 'orchard'\""

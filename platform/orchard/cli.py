@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import traceback
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -164,7 +165,7 @@ def _print_summary(summaries, console: Console) -> None:
         console.print(f"tracking store: {summaries[0].tracking_uri}")
         for s in summaries:
             console.print(f"engine log of {s.name}: {s.log_path}")
-        console.print("open the dashboard: [bold]orchard ui[/]  (or make ui) → http://127.0.0.1:5000")
+        console.print("open the dashboard: [bold]orchard ui[/]  (or make ui); it prints each experiment's link")
 
 
 def _bench(args, console: Console) -> int:
@@ -273,18 +274,81 @@ def _sync_tracking(args, console: Console) -> int:
     return EXIT_OK
 
 
+UI_WAIT_S = 240.0  # a loaded 2-core box took ~55 s before MLflow's server answered its first request
+
+
 def _ui(args, console: Console) -> int:
+    import tempfile
+    import time
+
     from orchard.tracking import resolve_uri
 
     uri = args.backend_store_uri or resolve_uri()
     url = f"http://{args.host}:{args.port}"
-    console.print(f"MLflow dashboard on {uri}\n  → {url}  (Ctrl-C to stop)")
+    log = tempfile.NamedTemporaryFile("w+", prefix="orchard-ui-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port)]
+           "--port", str(args.port), "--workers", str(_ui_workers())]
+    console.print(f"MLflow dashboard on {uri}")
+    # MLflow's job runner (huey consumers for GenAI scorers and trace archival) is ~8 more processes that a
+    # training dashboard never uses; on a small box they delay the first answer. An explicit setting wins.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        return subprocess.call(cmd)
+        t0 = time.monotonic()
+        with console.status("starting MLflow's server…"):
+            answered = _wait_for_health(url, proc, UI_WAIT_S)
+        if not answered:
+            why = "exited" if proc.poll() is not None else f"did not answer within {UI_WAIT_S:.0f} s"
+            console.print(f"[bold red]error:[/] MLflow's server {why}; its output ({log.name}):", highlight=False)
+            console.print(Path(log.name).read_text()[-4000:], highlight=False, markup=False)
+            return EXIT_FAILED
+        _print_ui_links(console, url, time.monotonic() - t0, log.name)
+        return proc.wait()
     except KeyboardInterrupt:
         return EXIT_OK
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _ui_workers() -> int:
+    """MLflow starts 4 uvicorn workers by default: too many for a small box, where each one's start is slow."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, max(1, cpus // 2))
+
+
+def _wait_for_health(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
+    """True once the server answers ``/health``; False if it exits or stays silent for ``timeout_s``."""
+    import time
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = "127.0.0.1" if parts.hostname in ("0.0.0.0", "::", "") else parts.hostname
+    health = f"http://{host}:{parts.port}/health"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(health, timeout=5) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def _print_ui_links(console: Console, url: str, waited_s: float, log: str) -> None:
+    from orchard.tracking.dashboard import experiment_links, experiment_url
+
+    console.print(f"  → {experiment_url(url)}  (Ctrl-C to stop)", highlight=False)
+    console.print(f"  answered after {waited_s:.0f} s; server log: {log}", highlight=False)
+    for name, link in experiment_links(url):
+        console.print(f"    {name}: {link}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -44,11 +44,12 @@ def run_job(spec: JobSpec, console: Console | None = None, resume: bool = False)
     """Run ``spec``; with ``resume``, continue its newest unfinished run from the last checkpoint."""
     console = console or Console()
     _check_engine_settings(spec)
-    _check_tracking(spec)
-    _join_cluster(spec)
-    resume_id = _resumable(spec) if resume else None
+    _join_cluster(spec)  # first: joining may re-extract the shipped folder, so nothing is written before
     run_dir = run_dir_for(spec)
     log_path = run_dir / "engine.log"
+    with engine_output_to(log_path, console):  # a fresh SQLite store logs its table creation: not on the terminal
+        _check_tracking(spec)
+        resume_id = _resumable(spec) if resume else None
     t0 = time.perf_counter()
     with engine_output_to(log_path, console) as term, _progress(term) as progress:
         prepared = _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
@@ -122,12 +123,13 @@ def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path, resume_
             result = _federate(spec, prepared, job, progress, run_dir)
             engine = f"Flower ({spec.federated.clients} clients)"
         model_uri = _step(progress, "log model and plots (MLflow)", lambda: _log_outputs(job, spec, prepared, result))
+        headline = ("R²", result["test/r2"]) if "test/r2" in result else ("accuracy", result["test/accuracy"])
+        job.describe(prepared.manifest, headline, sum(p.numel() for p in result["model"].parameters()))
         job.log_artifact(run_dir / "engine.log", "logs")
     except BaseException:
         job.finish("FAILED")
         raise
     job.finish("FINISHED")
-    headline = ("R²", result["test/r2"]) if "test/r2" in result else ("accuracy", result["test/accuracy"])
     return JobSummary(name=spec.name, kind=spec.kind, engine=engine, headline=headline,
                       test_f1=result.get("test/f1"), wall_s=0.0,
                       run_id=job.run_id, tracking_uri=job.uri, quarantined=prepared.quarantined,

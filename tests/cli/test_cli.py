@@ -52,7 +52,9 @@ def test_a_missing_spec_file_exits_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_ui_serves_mlflow_dashboard_on_the_job_store(tmp_path):
+def test_ui_prints_the_dashboard_url_only_once_the_server_answers(tmp_path):
+    import json
+    import signal
     import time
     import urllib.request
 
@@ -66,21 +68,24 @@ def test_ui_serves_mlflow_dashboard_on_the_job_store(tmp_path):
                              "--backend-store-uri", uri], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        body, deadline = None, time.time() + 90
-        while time.time() < deadline and body is None:
-            try:
-                req = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ui-check")
-                body = urllib.request.urlopen(req, timeout=5).read().decode()
-            except OSError:
-                time.sleep(1)
-        assert body is not None, "dashboard did not come up"
-        assert '"name": "ui-check"' in body or '"name":"ui-check"' in body
-        home = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
-        assert home.status == 200
+        lines, deadline = [], time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "orchard ui ended without printing the URL:\n" + "".join(lines)
+            lines.append(line)
+            if "→ http://" in line:
+                break
+        # The very moment the URL is shown, the server answers: no "connection refused" for a new user.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as health:
+            assert health.status == 200
+        assert f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning" in line
+        req = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ui-check"
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            exp_id = json.load(resp)["experiment"]["experiment_id"]
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).status == 200
+        rest = [proc.stdout.readline() for _ in range(2)]
+        assert any(f"ui-check: http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+                   in r for r in rest), rest
     finally:
-        import os as _os
-        import signal
-
-        _os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)

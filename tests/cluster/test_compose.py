@@ -48,7 +48,7 @@ RAY_SERVICES = ("ray-head", "ray-worker")
 def _compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     exe = shutil.which("docker-compose")
     if exe is None:
-        pytest.fail("docker-compose is not installed: `make sysdeps` installs it (Debian's docker-compose)")
+        pytest.fail("docker-compose is not installed: `make test-sysdeps` installs it (Debian's docker-compose)")
     # A clean environment, so secrets exported in the developer's shell cannot make a test pass.
     base = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(ROOT)}
     return subprocess.run([exe, "-f", str(COMPOSE), *args], cwd=ROOT, env={**base, **env},

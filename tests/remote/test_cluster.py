@@ -184,3 +184,36 @@ def test_token_auth_refuses_a_submission_without_the_token_and_accepts_it_with(s
         assert accepted.returncode == 0 and "submitted raysubmit_" in accepted.stdout, accepted.stdout
     finally:
         secure.close()
+
+
+def test_a_head_started_outside_its_venv_runs_the_job_with_the_venv_python(tmp_path):
+    """`.venv/bin/ray start --head` with the venv not on PATH: `python` there is another interpreter."""
+    from ray.job_submission import JobSubmissionClient
+
+    from orchard.remote import jobs
+
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != BIN)
+    system_python = shutil.which("python3", path=path)
+    bare = Stack()
+    try:
+        dashboard = bare.ray_cluster({"PATH": path}, nodes=1)
+        head_log = next(Path(bare.tmp).glob("head-*.log"))
+        wait_for(lambda: _nodes_alive(dashboard) == 1, "a head node started outside its venv", head_log, 300)
+        client = JobSubmissionClient(dashboard)
+        assert jobs.cluster_python(client) == str(BIN / "python3")  # what the head's Ray workers run
+
+        out = orchard("submit", "jobs/breast-cancer-mlp.yaml", "--address", dashboard, "--follow",
+                      "--set", "train.epochs=1", "--set", "scaling.num_workers=1", "--set", "tracking.log_model=false")
+        assert out.returncode == 0 and "SUCCEEDED" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
+        assert "No module named" not in out.stdout
+
+        # The head's own `python` (what the job ran before): the job stops at once and says why.
+        lacks = subprocess.run([system_python, "-c", "import rich"], capture_output=True) if system_python else None
+        if lacks is not None and lacks.returncode != 0:
+            job_id = client.submit_job(entrypoint=jobs.entrypoint("jobs/breast-cancer-mlp.yaml", [], True, "python3"),
+                                       runtime_env=jobs.runtime_env(ROOT))
+            assert jobs.wait(job_id, dashboard, timeout_s=300) == "FAILED"
+            log = client.get_job_logs(job_id)
+            assert "lacks rich" in log and "this Ray job runs /" in log and "Traceback" not in log, log[-2000:]
+    finally:
+        bare.close()

@@ -75,13 +75,33 @@ def runtime_env(project_root: Path, image: str | None = None) -> dict[str, Any]:
     return {"working_dir": str(project_root), "excludes": EXCLUDES, "env_vars": env_vars}
 
 
-def entrypoint(spec_path: str, overrides: list[str], shipped: bool) -> str:
-    cmd = ["python", "-m", "orchard.cli", "run", spec_path]
+def entrypoint(spec_path: str, overrides: list[str], shipped: bool, python: str = "python") -> str:
+    """``orchard run SPEC`` through ``entry.py``, which names the interpreter if it lacks Orchard's stack."""
+    cmd = [python, "-m", "orchard.remote.entry", "run", spec_path]
     for o in overrides:
         cmd += ["--set", o]
     # A shipped project is imported from its own source root; an image has orchard installed.
     prefix = "PYTHONPATH=platform${PYTHONPATH:+:$PYTHONPATH} " if shipped else ""
     return prefix + shlex.join(cmd)
+
+
+def cluster_python(c) -> str:
+    """The interpreter the head node starts Ray workers with: the job must run there, not `python` on PATH.
+
+    A head started as ``.venv/bin/ray start --head`` without the venv on PATH runs its workers with the
+    venv's Python while its shell's ``python`` is another one. The raylet's command line (in the
+    dashboard's node summary) names it; any failure to read it falls back to ``python``.
+    """
+    try:
+        nodes = c._do_request("GET", "/nodes?view=summary").json()["data"]["summary"]
+    except Exception:  # noqa: BLE001 - an older or locked-down dashboard: the entry check still names the cause
+        return "python"
+    nodes.sort(key=lambda n: not (n.get("raylet") or {}).get("isHeadNode", False))  # the driver runs on the head
+    for node in nodes:
+        for arg in node.get("cmdline") or []:
+            if arg.startswith("--python_worker_command="):
+                return arg.split("=", 1)[1].split()[0]
+    return "python"
 
 
 def spec_in_project(spec_path: str, project_root: Path) -> str:
@@ -101,7 +121,8 @@ def submit(spec_path: str, overrides: list[str], address: str | None, image: str
     rel = spec_path if image else spec_in_project(spec_path, root)
     c = client(address)
     url = address_of(address)
-    job_id = _call(lambda: c.submit_job(entrypoint=entrypoint(rel, overrides, image is None),
+    python = "python" if image else cluster_python(c)  # an image has its own interpreter, with orchard
+    job_id = _call(lambda: c.submit_job(entrypoint=entrypoint(rel, overrides, image is None, python),
                                         runtime_env=runtime_env(root, image),
                                         metadata={"orchard.spec": rel}), url)
     return job_id, f"{url.rstrip('/')}/#/jobs/{job_id}"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchard.config import JobSpec, spec_yaml
+from orchard.tracking import dashboard
 from orchard.tracking.buffer import (
     MetricBuffer,
     TrackingUnavailable,
@@ -133,12 +134,15 @@ class JobRun:
             return
         experiment = spec.tracking.experiment or spec.name
         exp = mlflow.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
+        exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment, tags=dashboard.experiment_tags())
+        for k, v in dashboard.experiment_tags().items():  # an experiment made before Orchard set its kind
+            if exp is not None and k not in exp.tags:
+                client.set_experiment_tag(exp_id, k, v)
         run = client.create_run(
             exp_id,
             run_name=run_name,
             tags={"orchard.kind": spec.kind, "orchard.spec_hash": spec.digest(), "orchard.git_commit": _git_commit(),
-                  "orchard.job": spec.name},
+                  "orchard.job": spec.name, **dashboard.run_tags(spec)},
         )
         self.run_id = run.info.run_id
         self.experiment_id = exp_id
@@ -237,6 +241,12 @@ class JobRun:
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self.logger.log_metrics(metrics, step)
+
+    def describe(self, manifest: dict, headline: tuple[str, float] | None, model_params: int | None) -> None:
+        """The run page's Description: what job, data and model, and the headline test result."""
+        self._settle()
+        text = dashboard.run_description(self.spec, manifest, headline, model_params)
+        self._client.set_tag(self.run_id, dashboard.NOTE_TAG, text)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
