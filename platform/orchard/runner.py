@@ -6,18 +6,21 @@ The spec was validated before this point; nothing here runs for a spec that fail
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from orchard.config import JobSpec
 from orchard.console import engine_output_to
+from orchard.progress import progress_file, read_progress
+
+if TYPE_CHECKING:
+    from orchard.results import RunResult
 
 
 @dataclass
@@ -79,9 +82,9 @@ def _join_cluster(spec: JobSpec) -> None:
     import os
 
     if spec.kind == "train" and os.environ.get("RAY_ADDRESS"):
-        from orchard.train.launcher import init_ray
+        from orchard.raystart import start_ray
 
-        init_ray()
+        start_ray()
 
 
 def _check_tracking(spec: JobSpec) -> None:
@@ -123,58 +126,47 @@ def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path, resume_
             result = _federate(spec, prepared, job, progress, run_dir)
             engine = f"Flower ({spec.federated.clients} clients)"
         model_uri = _step(progress, "log model and plots (MLflow)", lambda: _log_outputs(job, spec, prepared, result))
-        headline = ("R²", result["test/r2"]) if "test/r2" in result else ("accuracy", result["test/accuracy"])
-        job.describe(prepared.manifest, headline, sum(p.numel() for p in result["model"].parameters()))
+        headline = result.headline()
+        job.describe(prepared.manifest, headline, sum(p.numel() for p in result.model.parameters()))
         job.log_artifact(run_dir / "engine.log", "logs")
     except BaseException:
         job.finish("FAILED")
         raise
     job.finish("FINISHED")
     return JobSummary(name=spec.name, kind=spec.kind, engine=engine, headline=headline,
-                      test_f1=result.get("test/f1"), wall_s=0.0,
+                      test_f1=result.test.get("test/f1"), wall_s=0.0,
                       run_id=job.run_id, tracking_uri=job.uri, quarantined=prepared.quarantined,
                       log_path=run_dir, model_uri=model_uri)
 
 
-def _train(spec: JobSpec, prepared, job, progress: Progress, run_dir: Path) -> dict[str, Any]:
+def _train(spec: JobSpec, prepared, job, progress: Progress, run_dir: Path) -> RunResult:
     from orchard.train import run_training
 
-    with _watch(progress, run_dir / "progress.json", "train (Ray Train)", spec.train.epochs, "epoch"):
+    path = progress_file(run_dir)
+    with ProgressFileBar(progress, path, "train (Ray Train)", spec.train.epochs, "epoch"):
         # The Ray Train run is named after the MLflow run, so --resume finds its checkpoints again.
-        res = run_training(spec, prepared, job.logger, run_dir, run_name=f"{spec.name}-{job.run_id}")
-    return {"history": res.history, "x": "epoch", "confusion": res.confusion, "model": res.model,
-            **res.test_metrics}
+        return run_training(spec, prepared, job.logger, progress_file=path, run_name=f"{spec.name}-{job.run_id}")
 
 
-def _federate(spec: JobSpec, prepared, job, progress: Progress, run_dir: Path) -> dict[str, Any]:
+def _federate(spec: JobSpec, prepared, job, progress: Progress, run_dir: Path) -> RunResult:
     from orchard.federated import run_federated
+    from orchard.federated.simulation import CHECKPOINT_ROOT
 
-    with _watch(progress, run_dir / "progress.json", "federate (Flower)", spec.federated.rounds, "round"):
-        res = run_federated(spec, prepared, job, log_path=run_dir / "engine.log")
-    scores = res.test.as_metrics("test")
-    return {"history": res.history, "x": "round", "confusion": res.test.confusion, "model": res.model,
-            "clients": res.clients, **scores}
+    path = progress_file(run_dir)
+    with ProgressFileBar(progress, path, "federate (Flower)", spec.federated.rounds, "round"):
+        # Round checkpoints are keyed by the MLflow run, so --resume continues after the last round.
+        return run_federated(spec, prepared, job.logger, checkpoint_dir=CHECKPOINT_ROOT / job.run_id,
+                             progress_file=path, log_path=run_dir / "engine.log")
 
 
-def _log_outputs(job, spec: JobSpec, prepared, result: dict[str, Any]) -> str | None:
-    import numpy as np
+def _log_outputs(job, spec: JobSpec, prepared, result: RunResult) -> str | None:
+    from orchard.tracking.outputs import log_result
 
-    from orchard.tracking import plots
-
-    figures = [("plots/learning_curve.png", plots.learning_curve(result["history"], result["x"], spec.name))]
-    if result["confusion"] is not None:
-        figures.append(("plots/confusion_matrix.png",
-                        plots.confusion_matrix(result["confusion"], prepared.manifest["classes"])))
-        job.log_text(json.dumps(np.asarray(result["confusion"]).tolist()), "metrics/confusion_matrix.json")
-    if result.get("clients"):
-        figures.append(("plots/clients_by_round.png", plots.client_rounds(result["clients"])))
-    for name, fig in figures:
-        job.log_figure(fig, name)
-        plots.close(fig)
+    log_result(job, result, spec.name, prepared.manifest.get("classes"))
     if not spec.tracking.log_model:
         return None
     example = _input_example(prepared)
-    return job.log_model(result["model"], example)
+    return job.log_model(result.model, example)
 
 
 def _input_example(prepared, rows: int = 4):
@@ -198,8 +190,8 @@ def _step(progress: Progress, name: str, fn):
     return out
 
 
-class _watch:
-    """Follow an engine's progress file (written by its callback in another process) on a progress bar."""
+class ProgressFileBar:
+    """A progress bar that follows an engine's progress file (written by its callback in another process)."""
 
     def __init__(self, progress: Progress, path: Path, name: str, total: int, unit: str) -> None:
         self.progress, self.path, self.unit = progress, path, unit
@@ -223,9 +215,8 @@ class _watch:
             self._read()
 
     def _read(self) -> None:
-        try:
-            state = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        state = read_progress(self.path)
+        if state is None:
             return
         shown = {k: v for k, v in state.items() if k.endswith("accuracy") or k.endswith("loss")}
         info = "  ".join(f"{k}={v:.3f}" for k, v in list(shown.items())[:4] if isinstance(v, float))

@@ -91,7 +91,7 @@ def test_sign_flip_attackers_ruin_fedavg_but_not_fedmedian(digits_prepared, tmp_
     acc = {}
     for name in ("fedavg", "fedmedian"):
         spec = _spec(attack=attack, strategy={"name": name})
-        acc[name] = run_federated(spec, digits_prepared, None, log_path=tmp_path / name / "engine.log").test.accuracy
+        acc[name] = run_federated(spec, digits_prepared, None, log_path=tmp_path / name / "engine.log").test["test/accuracy"]
     print("accuracy under attack", acc)
     assert acc["fedmedian"] >= 0.8
     assert acc["fedavg"] < acc["fedmedian"] - 0.3

@@ -34,26 +34,32 @@ def test_federation_learns_digits_and_logs_every_round(digits_prepared, tmp_path
     from mlflow.tracking import MlflowClient
 
     from orchard.federated import run_federated
+    from orchard.progress import read_progress
     from orchard.tracking import JobRun
+    from orchard.tracking.outputs import log_result
 
     monkeypatch.chdir(tmp_path)  # MLflow's artifact root is relative to the working folder
     spec = _spec(tmp_path)
     log_path = tmp_path / "run" / "engine.log"
+    progress = tmp_path / "run" / "progress.json"
     with JobRun(spec) as job:
-        res = run_federated(spec, digits_prepared, job, log_path=log_path)
+        res = run_federated(spec, digits_prepared, job.logger, checkpoint_dir=tmp_path / "rounds",
+                            progress_file=progress, log_path=log_path)
+        log_result(job, res, spec.name, digits_prepared.manifest["classes"])
 
-    print(f"federated test accuracy {res.test.accuracy:.4f}", [round(h["fed/accuracy"], 3) for h in res.history])
-    assert res.test.accuracy >= ACCURACY_FLOOR
+    accuracy = res.test["test/accuracy"]
+    print(f"federated test accuracy {accuracy:.4f}", [round(h["fed/accuracy"], 3) for h in res.history])
+    assert res.test["test/accuracy"] >= ACCURACY_FLOOR
     assert [h["round"] for h in res.history] == list(range(1, ROUNDS + 1))
     assert all(h["fed/clients"] == 4 for h in res.history)
     assert res.history[-1]["fed/client_train_loss"] < res.history[0]["fed/client_train_loss"]
-    assert sum(res.partition_counts) == digits_prepared.manifest["counts"]["train"]
+    assert sum(res.partitions.counts) == digits_prepared.manifest["counts"]["train"]
 
     # The returned model is the final global model: evaluating it again gives the same figures.
     x, y = read_split(digits_prepared, "test")
     again = evaluate(res.model, [(torch.from_numpy(x), torch.from_numpy(y))], torch.device("cpu"), 10)
-    assert again.accuracy == pytest.approx(res.test.accuracy)
-    assert res.test.confusion.sum() == len(y)
+    assert again.accuracy == pytest.approx(res.test["test/accuracy"])
+    assert res.confusion.sum() == len(y)
 
     client = MlflowClient(spec.tracking.uri)
     steps = [m.step for m in client.get_metric_history(job.run_id, "fed/accuracy")]
@@ -63,7 +69,7 @@ def test_federation_learns_digits_and_logs_every_round(digits_prepared, tmp_path
     (tmp_path / "dl").mkdir()
     table = json.loads(Path(client.download_artifacts(job.run_id, "federated/partitions.json", str(tmp_path / "dl")))
                        .read_text())
-    assert [row[table["columns"].index("rows")] for row in table["data"]] == res.partition_counts
+    assert [row[table["columns"].index("rows")] for row in table["data"]] == res.partitions.counts
 
     for key in ("fed/failed", "fed/rejected", "fed/skipped", "fed/bytes_sent", "fed/bytes_received"):
         assert [m.step for m in client.get_metric_history(job.run_id, key)] == list(range(1, ROUNDS + 1)), key
@@ -78,7 +84,8 @@ def test_federation_learns_digits_and_logs_every_round(digits_prepared, tmp_path
     assert sorted((r["round"], r["client"]) for r in rows) == [(r, c) for r in range(1, ROUNDS + 1) for c in range(4)]
     assert {r["status"] for r in rows} == {"ok"}
 
-    assert json.loads((log_path.parent / "progress.json").read_text())["round"] == ROUNDS
+    assert read_progress(progress)["round"] == ROUNDS
+    assert sorted(p.name for p in (tmp_path / "rounds").iterdir())[-1] == f"round-{ROUNDS:05d}"
     assert "[ROUND 1/" in log_path.read_text()
     out, err = capfd.readouterr()
     assert "ROUND" not in out + err  # Flower's and Ray's chatter went to the log file

@@ -217,13 +217,10 @@ def test_local_dp_mod_clips_and_noises_what_the_client_sends():
 # --- a real federation ---------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_central_dp_federation_reports_a_growing_epsilon_that_survives_a_resume(digits_prepared, tmp_path,
-                                                                                 monkeypatch):
+def test_central_dp_federation_reports_a_growing_epsilon_that_survives_a_resume(digits_prepared, tmp_path):
     """2 rounds checkpointed, then the same federation resumed to 3 rounds: epsilon counts all 3 releases."""
-    from orchard.federated import run_federated, simulation
+    from orchard.federated import run_federated
     from orchard.federated.privacy import PrivacyLedger
-
-    monkeypatch.setattr(simulation, "checkpoint_dir", lambda job: tmp_path / "rounds")
 
     def spec(rounds):
         return validate_spec({
@@ -233,11 +230,12 @@ def test_central_dp_federation_reports_a_growing_epsilon_that_survives_a_resume(
                           "privacy": {"mode": "central_fixed", "noise_multiplier": 0.3, "clipping_norm": 1.0}},
         })
 
-    first = run_federated(spec(2), digits_prepared, None, log_path=tmp_path / "engine.log")
+    rounds = tmp_path / "rounds"
+    first = run_federated(spec(2), digits_prepared, checkpoint_dir=rounds, log_path=tmp_path / "engine.log")
     assert [h["round"] for h in first.history] == [1, 2]
-    res = run_federated(spec(3), digits_prepared, None, log_path=tmp_path / "engine.log")
+    res = run_federated(spec(3), digits_prepared, checkpoint_dir=rounds, log_path=tmp_path / "engine.log")
     eps = [h["fed/epsilon"] for h in res.history]
-    print("dp federation", round(res.test.accuracy, 4), [round(e, 3) for e in eps])
+    print("dp federation", round(res.test["test/accuracy"], 4), [round(e, 3) for e in eps])
     assert [h["round"] for h in res.history] == [1, 2, 3]
     assert 0 < eps[0] < eps[1] < eps[2]
     ledger = PrivacyLedger(spec(3), 4)
@@ -246,4 +244,4 @@ def test_central_dp_federation_reports_a_growing_epsilon_that_survives_a_resume(
         # Every round's figure is the budget of all releases so far, the resumed round's included.
         assert eps[rnd - 1] == pytest.approx(ledger.epsilon_after(rnd))
     # Observed 0.70 test accuracy (epsilon 20.4, 32.3, 42.8) for these settings; chance is 0.1.
-    assert res.test.accuracy > 0.5, [round(h["fed/accuracy"], 3) for h in res.history]
+    assert res.test["test/accuracy"] > 0.5, [round(h["fed/accuracy"], 3) for h in res.history]

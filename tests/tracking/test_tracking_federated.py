@@ -9,7 +9,7 @@ import matplotlib.image as mpimg
 import pytest
 
 from orchard.config import FederatedSpec, validate_spec
-from orchard.federated.partitions import write_partitions
+from orchard.federated.partitions import partition_summary, write_partitions
 from orchard.tracking import plots
 from orchard.tracking.federated import FIGURE_FILE, TABLE_FILE, log_partitions
 
@@ -51,8 +51,8 @@ def test_log_partitions_puts_a_table_and_a_figure_on_the_run(fresh_digits, tmp_p
     parts = write_partitions(fresh_digits, FederatedSpec(clients=6, partition="dirichlet", alpha=0.3))
     classes = fresh_digits.manifest["classes"]
     with JobRun(spec) as job:
-        log_partitions(job, parts, classes)
-        log_partitions(job, parts, classes)  # logged again (a resumed run): the table is not doubled
+        log_partitions(job, partition_summary(parts, classes))
+        log_partitions(job, partition_summary(parts, classes))  # a resumed run logs it again: not doubled
 
     client = MlflowClient(spec.tracking.uri)
     dl = tmp_path / "dl"

@@ -25,9 +25,9 @@ def split_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    from orchard.train.launcher import init_ray
+    from orchard.raystart import start_ray
 
-    init_ray(2)
+    start_ray(2)
     yield
     import ray
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
-import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from orchard.config import JobSpec
-from orchard.data.manifest import MANIFEST, load_manifest
+from orchard.data.manifest import MANIFEST, load_manifest, read_split
 from orchard.engine import evaluate
 from orchard.engine.checkpoint import load_checkpoint
 from orchard.models import build_model
@@ -52,26 +50,24 @@ def _plain_test_metrics(spec: JobSpec, prepared, checkpoint_path: str) -> dict[s
     """The saved checkpoint in a plain (unwrapped, single-process) model, on every test row."""
     model = build_model(spec, prepared.manifest)
     load_checkpoint(checkpoint_path, model)
-    table = pds.dataset(str(prepared.split_path("test")), format="parquet").to_table()
-    x = torch.from_numpy(np.stack(table.column("features").to_numpy(zero_copy_only=False)).astype(np.float32))
-    y = torch.from_numpy(table.column("label").to_numpy())
+    x, y = (torch.from_numpy(a) for a in read_split(prepared, "test"))
     return evaluate(model, [(x, y)], torch.device("cpu"), prepared.manifest["num_classes"]).as_metrics("test")
 
 
 def test_fsdp_workers_learn_digits_resume_and_save_a_plain_checkpoint(odd_digits, tmp_path):
     rows = odd_digits.manifest["counts"]["train"]
-    first = run_training(_spec(tmp_path, 2), odd_digits, run_dir=tmp_path, run_name="fsdp-digits")
+    first = run_training(_spec(tmp_path, 2), odd_digits, run_name="fsdp-digits")
     assert [h["epoch"] for h in first.history] == [1, 2]
 
     # The same run name picks up the last checkpoint: sharded weights and Adam state restored, epochs 3-4 run.
     spec = _spec(tmp_path, 4)
-    result = run_training(spec, odd_digits, run_dir=tmp_path, run_name="fsdp-digits")
+    result = run_training(spec, odd_digits, run_name="fsdp-digits")
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
     assert result.history[2]["train/resumed_from"] == 2
     assert result.history[3]["train/loss"] < result.history[0]["train/loss"]
 
     # Floor from real runs here: 0.937-0.941 with the resume, 0.948 straight through; DDP on this spec 0.944.
-    assert result.test_metrics["test/accuracy"] >= 0.90
+    assert result.test["test/accuracy"] >= 0.90
     assert result.confusion.sum() == odd_digits.manifest["counts"]["test"]  # padded eval steps count nothing
 
     # Ray's equal split cuts the rows past a multiple of the worker count, and the run says so each epoch.
@@ -79,6 +75,6 @@ def test_fsdp_workers_learn_digits_resume_and_save_a_plain_checkpoint(odd_digits
         assert h["train/rows_dropped_per_epoch"] == rows % WORKERS
         assert h["train/samples"] + h["train/rows_dropped_per_epoch"] == rows
 
-    plain = _plain_test_metrics(spec, odd_digits, result.checkpoint_path)
-    assert plain["test/accuracy"] == pytest.approx(result.test_metrics["test/accuracy"], abs=1e-9)
-    assert plain["test/loss"] == pytest.approx(result.test_metrics["test/loss"], rel=1e-4)
+    plain = _plain_test_metrics(spec, odd_digits, result.extra["checkpoint_path"])
+    assert plain["test/accuracy"] == pytest.approx(result.test["test/accuracy"], abs=1e-9)
+    assert plain["test/loss"] == pytest.approx(result.test["test/loss"], rel=1e-4)

@@ -22,7 +22,7 @@ def _spec(tmp_path, run: int, workers: int) -> JobSpec:
 def test_two_runs_of_one_spec_and_seed_give_identical_weights_and_test_metrics(workers, digits_prepared, tmp_path):
     first, second = (run_training(_spec(tmp_path, run, workers), digits_prepared) for run in (0, 1))
 
-    assert first.test_metrics == second.test_metrics  # exactly, not approximately
+    assert first.test == second.test  # exactly, not approximately
     assert [h["val/loss"] for h in first.history] == [h["val/loss"] for h in second.history]
     a, b = first.model.state_dict(), second.model.state_dict()
     assert a.keys() == b.keys()

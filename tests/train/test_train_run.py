@@ -4,6 +4,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchard.config import JobSpec
+from orchard.progress import read_progress
 from orchard.tracking import JobRun
 from orchard.train import run_training
 
@@ -23,13 +24,14 @@ def mlp_spec(tmp_path) -> JobSpec:
 
 def test_two_workers_learn_digits_and_log_every_epoch(mlp_spec, digits_prepared, tmp_path):
     job = JobRun(mlp_spec)
-    result = run_training(mlp_spec, digits_prepared, job.logger, tmp_path)
+    result = run_training(mlp_spec, digits_prepared, job.logger, progress_file=tmp_path / "progress.json")
     job.finish()
 
     # Floor from real runs: this 4-epoch MLP reached 0.95-0.97 test accuracy here.
-    assert result.test_metrics["test/accuracy"] >= 0.92
+    assert result.test["test/accuracy"] >= 0.92
     assert result.confusion.sum() == digits_prepared.manifest["counts"]["test"]  # every test row, once
-    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4] and result.x == "epoch"
+    assert read_progress(tmp_path / "progress.json")["epoch"] == 4
     assert result.history[-1]["train/samples"] <= digits_prepared.manifest["counts"]["train"]
 
     client = MlflowClient(mlp_spec.tracking.uri)
@@ -37,5 +39,5 @@ def test_two_workers_learn_digits_and_log_every_epoch(mlp_spec, digits_prepared,
     assert run.info.status == "FINISHED"
     for name in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
         assert [m.step for m in client.get_metric_history(job.run_id, name)] == [1, 2, 3, 4], name
-    assert run.data.metrics["test/accuracy"] == pytest.approx(result.test_metrics["test/accuracy"])
+    assert run.data.metrics["test/accuracy"] == pytest.approx(result.test["test/accuracy"])
     assert run.data.tags["orchard.kind"] == "train"

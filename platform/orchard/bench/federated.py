@@ -80,7 +80,7 @@ def _simulated(spec: JobSpec, prepared) -> tuple[float, float, float, float]:
         # No MLflow run: nothing is tracked or checkpointed, so every bench starts from round 1.
         res = run_federated(spec, prepared, None, on_round=lambda row: ends.setdefault(row["round"], time.perf_counter()))
     rate = CLIENTS * (ROUNDS - 1) / (ends[ROUNDS] - ends[1]) * 60
-    return rate, ends[1] - t0, mem.peak / 2**20, res.test.accuracy
+    return rate, ends[1] - t0, mem.peak / 2**20, res.test["test/accuracy"]
 
 
 def _plain(spec: JobSpec, prepared) -> tuple[float, float, float]:

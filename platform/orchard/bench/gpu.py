@@ -74,12 +74,12 @@ def _plain(spec: JobSpec, prepared, compile_: bool) -> float:
 def run(progress=print) -> list[Result]:
     if not torch.cuda.is_available():
         raise SystemExit("orchard bench train-gpu needs a CUDA GPU")
+    from orchard.raystart import start_ray
     from orchard.train import run_training
-    from orchard.train.launcher import init_ray
 
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    init_ray(8)
+    start_ray(8)
     results = []
     with tempfile.TemporaryDirectory(prefix="orchard-gpu-bench-") as tmp:
         prepared = write_classification(Path(tmp, "data"), ROWS, SEQ * FEATS, 10, None, files=8)

@@ -115,11 +115,11 @@ def run(progress=print, scale: float = 1.0) -> list[Result]:
     """
     import ray
 
-    from orchard.train.launcher import init_ray
+    from orchard.raystart import start_ray
 
     threads, started = torch.get_num_threads(), not ray.is_initialized()
     torch.set_num_threads(THREADS)
-    init_ray(2 * THREADS + 1)
+    start_ray(2 * THREADS + 1)
     try:
         return _cases(progress, scale)
     finally:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 if TYPE_CHECKING:
-    from orchard.federated.simulation import FederatedResult, run_federated
+    from orchard.federated.simulation import run_federated
 
-__all__ = ["FederatedResult", "run_federated"]
+__all__ = ["run_federated"]
 
 
 def __getattr__(name: str) -> Any:

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from orchard.config import FederatedSpec
 from orchard.data.manifest import GROUP_COL, LABEL_COL, PreparedData, read_groups, read_split, slug
 from orchard.data.write import contract_table
+from orchard.results import PartitionTable
 
 PARTITIONS_DIR = "partitions"
 META_FILE = "partitions.json"
@@ -328,3 +329,14 @@ def partition_table(partitions: PartitionSet, classes: list | None = None) -> di
         for j, name in enumerate(names):
             table[f"class {name}"] = [int(row[j]) for row in partitions.label_counts]
     return table
+
+
+def partition_summary(partitions: PartitionSet, classes: list | None = None) -> PartitionTable:
+    """The partition set as plain data for tracking: ``partition_table`` as columns + rows, and the counts."""
+    table = partition_table(partitions, classes)
+    columns = list(table)
+    width = len(partitions.label_counts[0]) if partitions.label_counts else 0
+    names = list(classes) if classes is not None and len(classes) == width else list(range(width))
+    return PartitionTable(columns=columns, rows=[list(row) for row in zip(*table.values(), strict=True)],
+                          counts=list(partitions.counts), label_counts=[list(r) for r in partitions.label_counts],
+                          classes=names, name=partitions.folder.name)

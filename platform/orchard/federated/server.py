@@ -1,8 +1,8 @@
 """The ServerApp: the spec's strategy over validated replies, the global model evaluated centrally each round.
 
-``RoundStats`` is the driver-side record of the federation: the ServerApp runs in a thread of the
-calling process under ``run_simulation``, so it fills this object in place and the caller reads the
-final arrays and the per-round history from it afterwards.
+``Federation`` is the driver-side record of the federation: the ServerApp runs in a thread of the
+calling process under ``run_simulation``, so it fills this object in place (arrays, per-round history,
+per-client rows, round checkpoints) and the caller reads the final arrays and history from it afterwards.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run a federated job as a Flower simulation on Ray: partition → simulate → evaluate → log.
+"""Run a federated job as a Flower simulation on Ray: partition → simulate → evaluate → return the result.
 
 The ServerApp runs in a thread of this process and the ClientApps in Ray actors. Ray is started here
 (not inside Flower) so that a Ray that cannot start, or a cluster too small for one client, fails
@@ -10,37 +10,23 @@ caller had started.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from orchard.config import JobSpec
+from orchard.console import ENGINE_LOGGERS
 from orchard.data.manifest import PreparedData
-from orchard.engine import EpochResult
-from orchard.federated.partitions import PartitionSet, read_split, write_partitions
+from orchard.federated.partitions import partition_summary, read_split, write_partitions
+from orchard.progress import write_progress
+from orchard.raystart import start_ray
+from orchard.results import MetricLogger, RunResult
 
-CHECKPOINT_ROOT = Path(".orchard/federated")  # + MLflow run id: `orchard run --resume` finds it again
-CLIENTS_TABLE = "federated/clients.json"
-ENGINE_LOGGERS = ("flwr", "ray")
-
-
-@dataclass
-class FederatedResult:
-    model: nn.Module  # the final global model, on CPU
-    history: list[dict[str, Any]]  # one row per round: round, fed/accuracy, fed/loss, fed/clients, fed/failed, ...
-    test: EpochResult  # the final global model on the test split, with .confusion
-    partition_counts: list[int]  # training rows held by each client
-    partitions: PartitionSet | None = None
-    clients: list[dict[str, Any]] | None = None  # one row per sampled client and round (status, loss, reason)
+CHECKPOINT_ROOT = Path(".orchard/federated")  # the runner adds the MLflow run id: `--resume` finds it again
 
 
 def _file_handler(log_path: Path) -> logging.Handler:
@@ -82,34 +68,13 @@ def engine_logs_to(log_path: Path | None) -> Iterator[None]:
         handler.close()
 
 
-def start_ray(client_cpus: float) -> bool:
-    """Start a quiet local Ray unless one is running (then Flower reuses it). True if started here."""
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        # As Flower's RayBackend does: actors must import orchard from wherever this process does.
-        pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-        started = True
-    biggest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-    if biggest < client_cpus:
-        if started:
-            ray.shutdown()
-        raise ValueError(f"federated.client_cpus={client_cpus:g}, but no Ray node has more than "
-                         f"{biggest:g} CPUs: no client could run")
-    return started
-
-
-def _round_logger(job, progress_file: Path | None, hook: Callable[[dict[str, Any]], None] | None = None
-                  ) -> Callable[[dict[str, Any]], None]:
+def _round_reporter(logger: MetricLogger | None, progress_file: Path | None,
+                    hook: Callable[[dict[str, Any]], None] | None = None) -> Callable[[dict[str, Any]], None]:
     def on_round(row: dict[str, Any]) -> None:
-        metrics = {k: v for k, v in row.items() if k != "round"}
-        if job is not None:
-            job.log_metrics(metrics, step=row["round"])
+        if logger is not None:
+            logger.log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
         if progress_file is not None:
-            progress_file.write_text(json.dumps(row))
+            write_progress(progress_file, row)
         if hook is not None:
             hook(row)
 
@@ -121,7 +86,7 @@ def _simulate(spec: JobSpec, server_app, client_app, log_path: Path | None) -> N
 
     fed = spec.federated
     with engine_logs_to(log_path):
-        started = start_ray(fed.client_cpus)
+        started = start_ray(task_cpus=fed.client_cpus, task_setting="federated.client_cpus")
     try:
         # Entered after ray.init, which installs its own stderr handler on the "ray" logger.
         with engine_logs_to(log_path):
@@ -136,32 +101,18 @@ def _simulate(spec: JobSpec, server_app, client_app, log_path: Path | None) -> N
             ray.shutdown()
 
 
-def _log_test(job, test: EpochResult, partitions: PartitionSet, clients: list[dict[str, Any]],
-              classes: list | None) -> None:
-    from orchard.tracking.federated import log_partitions
+def run_federated(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | None = None, *,
+                  checkpoint_dir: Path | None = None, progress_file: Path | None = None,
+                  log_path: Path | None = None, round_timeout_s: float | None = None,
+                  connect_timeout_s: float | None = None,
+                  on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    """Federate ``spec`` over ``prepared`` and return the global model, its history and test figures.
 
-    # The engine's metrics for the task: accuracy/f1/precision/recall, or mae/rmse/r2 for regression.
-    job.log_metrics(test.as_metrics("test"), step=0)
-    log_partitions(job, partitions, classes)  # rows and label histogram per client: table + plot
-    # Per-client figures as ONE table (MLflow's table JSON: columns + data) rather than client/<id>/*
-    # metrics: 100 clients x 5 keys would bury the fed/* charts in the UI's metric list, and a table
-    # keeps the status and rejection reason next to each loss.
-    columns = ["round", "client", "node", "status", "train_loss", "num_examples", "reason"]
-    job.log_text(json.dumps({"columns": columns, "data": [[c.get(k) for k in columns] for c in clients]}),
-                 CLIENTS_TABLE)
-
-
-def checkpoint_dir(job) -> Path | None:
-    return CHECKPOINT_ROOT / job.run_id if job is not None else None
-
-
-def run_federated(spec: JobSpec, prepared: PreparedData, job=None, log_path: Path | None = None, *,
-                  round_timeout_s: float | None = None, connect_timeout_s: float | None = None,
-                  on_round: Callable[[dict[str, Any]], None] | None = None) -> FederatedResult:
-    """Federate ``spec`` over ``prepared``; log per-round and test metrics to ``job`` (a JobRun) if given.
-
-    With a job, every round is checkpointed under ``.orchard/federated/<run id>``; when a checkpoint
-    exists for ``job.run_id`` (``orchard run --resume``), the federation continues from the round after it.
+    Per-round and test metrics go to ``logger`` (anything with ``log_metrics(metrics, step)``), the latest
+    round to ``progress_file``, Flower's and Ray's logs to ``log_path``. With a ``checkpoint_dir`` every
+    round is checkpointed there, and a federation that finds a checkpoint in it continues from the round
+    after it (``orchard run --resume``). The result carries the per-client rows and the partition table
+    as plain data for tracking to log.
     """
     from orchard.federated.checkpoint import load_latest
     from orchard.federated.client import make_client_app
@@ -179,33 +130,35 @@ def run_federated(spec: JobSpec, prepared: PreparedData, job=None, log_path: Pat
     partitions = write_partitions(prepared, spec.federated)
     x_test, y_test = read_split(prepared, "test")
     test_xy = (torch.from_numpy(x_test), torch.from_numpy(y_test))
-    ckpt_dir = checkpoint_dir(job)
-    federation = Federation(partition_counts=list(partitions.counts), checkpoint_dir=ckpt_dir,
-                            resume=load_latest(ckpt_dir) if ckpt_dir is not None else None)
-    if job is not None and federation.resume is not None:
-        job.log_metrics({"fed/resumed_from": float(federation.resume.round)}, step=federation.resume.round)
-    progress_file = log_path.parent / "progress.json" if log_path is not None else None
-    server_app = make_server_app(spec, manifest, test_xy, federation, _round_logger(job, progress_file, on_round),
+    federation = Federation(partition_counts=list(partitions.counts), checkpoint_dir=checkpoint_dir,
+                            resume=load_latest(checkpoint_dir) if checkpoint_dir is not None else None)
+    if logger is not None and federation.resume is not None:
+        logger.log_metrics({"fed/resumed_from": float(federation.resume.round)}, step=federation.resume.round)
+    server_app = make_server_app(spec, manifest, test_xy, federation,
+                                 _round_reporter(logger, progress_file, on_round),
                                  round_timeout_s=round_timeout_s, connect_timeout_s=connect_timeout_s)
     client_app = make_client_app(spec, manifest, partitions.folder.resolve())
     if federation.resume is None or federation.resume.round < spec.federated.rounds:
         _simulate(spec, server_app, client_app, log_path)
     else:
-        server_app_body_done(federation)
+        restore_finished_federation(federation)
     if not federation.arrays:
         raise FederationError("the federation ended without a global model (see the engine log)")
 
     test = central_evaluator(spec, manifest, test_xy)(federation.arrays)
     model = global_model(spec, manifest)
     model.load_state_dict(federation.arrays.to_torch_state_dict())
-    if job is not None:
-        _log_test(job, test, partitions, federation.clients, manifest.get("classes"))
-    return FederatedResult(model=model.eval(), history=federation.history, test=test,
-                           partition_counts=partitions.counts, partitions=partitions, clients=federation.clients)
+    # The engine's metrics for the task: accuracy/f1/precision/recall, or mae/rmse/r2 for regression.
+    scores = test.as_metrics("test")
+    if logger is not None:
+        logger.log_metrics(scores, step=0)
+    return RunResult(model=model.eval(), history=federation.history, x="round", test=scores,
+                     confusion=test.confusion, clients=federation.clients,
+                     partitions=partition_summary(partitions, manifest.get("classes")))
 
 
-def server_app_body_done(federation) -> None:
-    """A resumed run whose checkpoint already holds the last round: nothing left to federate."""
+def restore_finished_federation(federation) -> None:
+    """A resumed run whose checkpoint already holds the last round: take its model and history as they are."""
     from flwr.app import ArrayRecord
 
     ck = federation.resume

@@ -1,34 +1,39 @@
-"""What a federated job logs about its clients' data: per-client rows and label histograms.
+"""What a federated job logs about its clients: per-client data and per-client, per-round outcomes.
 
-Both go on the job's run: a table (``federated/partitions.json``, MLflow's table format, shown in the
-UI's artifact view and queryable with ``mlflow.load_table``) and a stacked-bar figure
-(``plots/partitions.png``).
+The partitions go on the job's run as a table (``federated/partitions.json``, MLflow's table format,
+shown in the UI's artifact view and queryable with ``mlflow.load_table``) and a stacked-bar figure
+(``plots/partitions.png``); the clients' rounds as one table (``federated/clients.json``). All of it
+arrives as plain data in the engine's ``RunResult``: tracking imports no engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
 from typing import Any
+
+from orchard.results import PartitionTable
 
 TABLE_FILE = "federated/partitions.json"
 FIGURE_FILE = "plots/partitions.png"
+CLIENTS_FILE = "federated/clients.json"
+CLIENT_COLUMNS = ["round", "client", "node", "status", "train_loss", "num_examples", "reason"]
 
 
-def log_partitions(job, partitions, classes: Sequence[Any] | None = None) -> None:
-    """Log ``partitions`` (an ``orchard.federated.partitions.PartitionSet``) on ``job``'s run.
-
-    ``classes`` names the label columns (the manifest's ``classes``); a regression target has none.
-    """
-    from orchard.federated.partitions import partition_table
+def log_partitions(job, table: PartitionTable) -> None:
+    """Rows and label histogram per client on ``job``'s run (a resumed run keeps its first table)."""
     from orchard.tracking import plots
 
-    classes = list(classes or [])
-    # log_table appends to an existing file of the same name: a resumed run would double the rows.
-    if not any(f.path == TABLE_FILE for f in job._client.list_artifacts(job.run_id, "federated")):
-        job._client.log_table(job.run_id, data=partition_table(partitions, classes), artifact_file=TABLE_FILE)
-    fig = plots.partition_figure(partitions.label_counts, classes, partitions.counts,
-                                 title=f"Training rows per client ({partitions.folder.name})")
+    job.log_table(table.columns, table.rows, TABLE_FILE)
+    fig = plots.partition_figure(table.label_counts, table.classes, table.counts,
+                                 title=f"Training rows per client ({table.name})")
     try:
         job.log_figure(fig, FIGURE_FILE)
     finally:
         plots.close(fig)
+
+
+def log_clients(job, clients: list[dict[str, Any]]) -> None:
+    """Per-client figures as ONE table rather than client/<id>/* metrics: 100 clients x 5 keys would bury
+    the fed/* charts in the UI's metric list, and a table keeps the status and reason next to each loss."""
+    data = [[c.get(k) for k in CLIENT_COLUMNS] for c in clients]
+    job.log_text(json.dumps({"columns": CLIENT_COLUMNS, "data": data}), CLIENTS_FILE)

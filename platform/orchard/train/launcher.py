@@ -1,63 +1,33 @@
 """Driver side of a Ray Train job: start Ray, stream the prepared Parquet, fit, collect the result.
 
-Metrics reach MLflow through a ``UserCallback`` that runs on the Ray Train controller, into the run the
-driver created: workers never open MLflow runs, so a restarted worker group cannot duplicate one.
+Metrics reach the caller's logger (tracking's picklable ``RunLogger``, in practice) through a
+``UserCallback`` that runs on the Ray Train controller: workers never open MLflow runs, so a restarted
+worker group cannot duplicate one. The result goes back to the caller; this package never sees MLflow.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from orchard.config import JobSpec
 from orchard.data.manifest import PreparedData, read_labels
 from orchard.engine.checkpoint import load_checkpoint
 from orchard.models import build_model
-from orchard.tracking import RunLogger
+from orchard.progress import write_progress
+from orchard.raystart import start_ray
+from orchard.results import MetricLogger, RunResult
 
 log = logging.getLogger("orchard.train")
 
 
-@dataclass
-class TrainResult:
-    model: nn.Module
-    history: list[dict[str, Any]]
-    test_metrics: dict[str, float]
-    confusion: np.ndarray
-    checkpoint_path: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def init_ray(min_cpus: float = 0) -> None:
-    """Join $RAY_ADDRESS if set, else start a quiet local instance (idempotent).
-
-    A local instance gets at least ``min_cpus`` logical CPUs: the train workers reserve theirs for the
-    whole run, and Ray Data's read tasks need one more, else the job waits forever on a small machine.
-    """
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
+def _quiet_ray_data() -> None:
     from ray.data import DataContext
 
-    kwargs: dict[str, Any] = {}
-    if not os.environ.get("RAY_ADDRESS"):
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(min_cpus))
-    cwd = os.getcwd()
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=True,
-             logging_level=logging.WARNING, **kwargs)
-    # Inside a Ray job whose project was shipped as working_dir, joining the cluster re-extracts that
-    # folder: the old directory (our cwd) is gone and relative paths fail until we enter the new one.
-    os.chdir(cwd)
     DataContext.get_current().enable_progress_bars = False
     DataContext.get_current().print_on_execution_start = False
 
@@ -81,11 +51,11 @@ def _use_gpu(spec: JobSpec) -> bool:
     return bool(spec.scaling.use_gpu)
 
 
-def _progress_callback(logger: RunLogger | None, progress_file: Path | None):
+def _progress_callback(logger: MetricLogger | None, progress_file: Path | None):
     from ray.train import UserCallback
 
-    class MlflowProgress(UserCallback):
-        """Runs on the controller after every report: rank 0's metrics go to the driver's MLflow run."""
+    class ReportToLogger(UserCallback):
+        """Runs on the controller after every report: rank 0's metrics go to the logger and progress file."""
 
         def after_report(self, run_context, metrics, checkpoint):
             m = dict(metrics[0])
@@ -93,21 +63,27 @@ def _progress_callback(logger: RunLogger | None, progress_file: Path | None):
             if logger is not None:
                 logger.log_metrics({k: v for k, v in m.items() if isinstance(v, int | float)}, step)
             if progress_file is not None:
-                progress_file.write_text(json.dumps({"epoch": step, **m}))
+                write_progress(progress_file, {"epoch": step, **m})
 
-    return MlflowProgress()
+    return ReportToLogger()
 
 
-def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None = None,
-                 run_dir: Path | None = None, run_name: str | None = None) -> TrainResult:
-    """Fit ``spec`` on ``prepared``. A ``run_name`` seen before resumes from that run's latest checkpoint."""
+def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | None = None, *,
+                 progress_file: Path | None = None, run_name: str | None = None) -> RunResult:
+    """Fit ``spec`` on ``prepared`` and return the model, its history and test figures.
+
+    Per-epoch and test metrics go to ``logger`` (anything picklable with ``log_metrics(metrics, step)``:
+    it is called on the Ray Train controller), the latest epoch to ``progress_file``. A ``run_name`` seen
+    before (under ``scaling.storage_path``) resumes from that run's latest checkpoint.
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from orchard.train.feed import ingest_options, read_split
     from orchard.train.worker import TEST_FILE, train_loop
 
-    init_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker + 1)
+    start_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker + 1)
+    _quiet_ray_data()
     _warn_node_local_storage(spec.scaling.storage_path)
     datasets = {s: read_split(str(prepared.split_path(s).resolve()), prepared.manifest["counts"][s],
                               prepared.manifest["feature_dim"], shuffle_files=s == "train", seed=spec.train.seed)
@@ -118,7 +94,7 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None
     if cut:
         log.warning("train: %d training row(s) are left out of each epoch so %d workers get equal shards",
                     cut, spec.scaling.num_workers)
-    progress_file = (run_dir / "progress.json").resolve() if run_dir else None
+    progress_file = Path(progress_file).resolve() if progress_file else None  # the controller runs elsewhere
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "manifest": _worker_manifest(spec, prepared)},
@@ -128,7 +104,7 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: RunLogger | None
         # val/test are read whole by every rank, which evaluates every world-th batch: exact counts, no dropped rows.
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
         run_config=RunConfig(
-            name=run_name or f"{spec.name}-{logger.run_id if logger else spec.digest()}",
+            name=run_name or f"{spec.name}-{spec.digest()}",
             storage_path=str(Path(spec.scaling.storage_path).resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.scaling.keep_checkpoints),
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
@@ -149,7 +125,7 @@ def _worker_manifest(spec: JobSpec, prepared: PreparedData) -> dict[str, Any]:
     return manifest
 
 
-def _collect(spec: JobSpec, prepared: PreparedData, checkpoint, test_file: str) -> TrainResult:
+def _collect(spec: JobSpec, prepared: PreparedData, checkpoint, test_file: str) -> RunResult:
     from safetensors.torch import load_file
 
     from orchard.train.worker import BEST_FILE
@@ -161,6 +137,6 @@ def _collect(spec: JobSpec, prepared: PreparedData, checkpoint, test_file: str) 
             model.load_state_dict(load_file(str(Path(d, BEST_FILE))))
         test = json.loads(Path(d, test_file).read_text())
     confusion = np.asarray(test["confusion"]) if test["confusion"] is not None else None
-    return TrainResult(model=model.eval(), history=state["history"], test_metrics=test["metrics"],
-                       confusion=confusion, checkpoint_path=checkpoint.path,
-                       extra={"best_epoch": test.get("best_epoch")})
+    return RunResult(model=model.eval(), history=state["history"], x="epoch", test=test["metrics"],
+                     confusion=confusion,
+                     extra={"best_epoch": test.get("best_epoch"), "checkpoint_path": checkpoint.path})

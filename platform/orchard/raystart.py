@@ -1,0 +1,53 @@
+"""The one place that starts (or joins) Ray for an engine: Ray Train and the Flower simulation alike.
+
+Top level rather than under ``train/`` or ``federated/`` so that neither imports the other; ``engine/``
+stays free of Ray. Ray itself is imported only when a function here is called.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+
+def start_ray(min_cpus: float = 0, *, task_cpus: float = 0, task_setting: str = "task_cpus") -> bool:
+    """Join $RAY_ADDRESS if set, else start a quiet local instance; do nothing if Ray is already up.
+
+    Returns True only if this call started Ray, so the caller shuts down its own instance and no other.
+    A local instance gets at least ``min_cpus`` logical CPUs: train workers reserve theirs for the whole
+    run and Ray Data's read tasks need one more, else the job waits forever on a small machine.
+    ``task_cpus`` (named ``task_setting`` in the error) is one task's reservation, e.g. a Flower
+    client's: if no node has that many CPUs nothing could ever be scheduled, so refuse now.
+    """
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {}
+        if not os.environ.get("RAY_ADDRESS"):
+            kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(min_cpus))
+            # As Flower's RayBackend does: actors import orchard from wherever this process does. Not on
+            # a cluster, whose job runtime env (its working_dir) is the same on every node; our paths are not.
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": _pythonpath()}}
+        cwd = os.getcwd()
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=True,
+                 logging_level=logging.WARNING, **kwargs)
+        # Inside a Ray job whose project was shipped as working_dir, joining the cluster re-extracts that
+        # folder: the old directory (our cwd) is gone and relative paths fail until we enter the new one.
+        os.chdir(cwd)
+        started = True
+    if task_cpus:
+        biggest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if biggest < task_cpus:
+            if started:
+                ray.shutdown()
+            raise ValueError(f"{task_setting}={task_cpus:g}, but no Ray node has more than {biggest:g} CPUs: "
+                             "nothing that needs them could run")
+    return started
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])

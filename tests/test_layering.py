@@ -1,0 +1,75 @@
+"""Import direction: tracking is a sink that imports no engine, and the engines never import tracking.
+
+Every import counts, including those inside functions (the lazy ones), read from the source with ``ast``.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "orchard"
+
+RULES = {
+    "tracking": ("orchard.federated", "orchard.train", "orchard.engine", "orchard.data"),
+    "federated": ("orchard.tracking",),
+    "train": ("orchard.tracking",),
+}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports, anywhere in the file."""
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def violations(subpackage: str, banned: tuple[str, ...]) -> list[str]:
+    found = []
+    for path in sorted((PACKAGE / subpackage).rglob("*.py")):
+        for name in sorted(imports_of(path)):
+            if any(name == b or name.startswith(b + ".") for b in banned):
+                found.append(f"{path.relative_to(PACKAGE.parent)} imports {name}")
+    return found
+
+
+@pytest.mark.parametrize("subpackage", sorted(RULES))
+def test_layers_import_only_downwards(subpackage):
+    assert (PACKAGE / subpackage).is_dir()
+    assert violations(subpackage, RULES[subpackage]) == []
+
+
+def test_the_checker_sees_function_local_and_relative_imports(tmp_path, monkeypatch):
+    fake = tmp_path / "orchard"
+    (fake / "tracking").mkdir(parents=True)
+    (fake / "tracking" / "x.py").write_text("def f():\n    from orchard.federated.partitions import y\n"
+                                            "    from ..train import launcher\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    assert violations("tracking", RULES["tracking"]) == [
+        "orchard/tracking/x.py imports orchard.federated.partitions",
+        "orchard/tracking/x.py imports orchard.federated.partitions.y",
+        "orchard/tracking/x.py imports orchard.train",
+        "orchard/tracking/x.py imports orchard.train.launcher",
+    ]
+
+
+def test_the_shared_low_layers_import_no_engine_or_tracking_library():
+    code = ("import sys, orchard.results, orchard.progress, orchard.raystart, orchard.tracking\n"
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'flwr', 'pyspark', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(PACKAGE.parent), "PATH": ""})
+    assert out.stdout.strip() == "[]"
