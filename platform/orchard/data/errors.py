@@ -31,9 +31,13 @@ def is_engine_failure(exc: BaseException) -> bool:
     return module.startswith(("py4j", "pyspark")) or isinstance(exc, ConnectionError)
 
 
-def explain(exc: BaseException, spec: SparkSpec, jvm_exit: int | None, log_text: str) -> str:
-    """The one-paragraph message for ``exc``: what failed, and which spec setting to change."""
-    text = _java_text(exc)
+def explain(exc: BaseException, spec: SparkSpec, jvm_exit: int | None, log_text: str,
+            text: str | None = None) -> str:
+    """The one-paragraph message for ``exc``: what failed, and which spec setting to change.
+
+    ``text`` is the exception's text as ``java_text`` read it (read here when not given).
+    """
+    text = (java_text(exc) if text is None else text) or type(exc).__name__
     local = spec.master.startswith("local")
     if jvm_exit == OOM_EXIT or _OOM in text or _OOM in log_text:
         where = _first_line_with(_OOM, text) or _first_line_with(_OOM, log_text) or f"{_OOM}"
@@ -56,15 +60,15 @@ def explain(exc: BaseException, spec: SparkSpec, jvm_exit: int | None, log_text:
     return f"Spark failed: {_summary(exc, text)}; {_setting_for(text, spec)}."
 
 
-def _java_text(exc: BaseException) -> str:
-    """The Java side's message (Py4JJavaError keeps it apart from ``str()``), else ``str(exc)``."""
-    java = getattr(exc, "java_exception", None)
-    if java is not None:
-        try:
-            return str(java.toString())
-        except Exception:  # noqa: BLE001 - the JVM may be gone; the Python text is all there is then
-            pass
-    return str(exc)
+def java_text(exc: BaseException) -> str | None:
+    """The exception's text, or None when reading it needs a JVM that no longer answers.
+
+    A Py4JJavaError's ``str()`` asks the JVM for the Java stack trace.
+    """
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - py4j raises whatever the dead socket raised
+        return None
 
 
 def _summary(exc: BaseException, text: str) -> str:
@@ -80,7 +84,7 @@ def _summary(exc: BaseException, text: str) -> str:
         if line.startswith(("at ", "Caused by", "JVM stacktrace")):
             break
         if line and not line.startswith("An error occurred while calling"):
-            lines.append(line)
+            lines.append(line.removeprefix(": "))
     first = " ".join(lines) or type(exc).__name__
     first = first if len(first) <= 300 else first[:297] + "..."
     return f"[{condition}] {first}" if condition and condition not in first else first

@@ -24,7 +24,7 @@ from pyspark.java_gateway import launch_gateway
 from pyspark.sql import SparkSession
 
 from orchard.config import SparkSpec
-from orchard.data.errors import EngineError, explain, is_engine_failure
+from orchard.data.errors import EngineError, explain, is_engine_failure, java_text
 
 log = logging.getLogger("orchard.data")
 
@@ -91,10 +91,11 @@ def spark_for(spec: SparkSpec | None = None, log_path: Path | None = None) -> It
 
 
 def _engine_error(exc: BaseException, spec: SparkSpec, log_path: Path | None, log_from: int) -> EngineError:
-    # A lost connection usually means the JVM is going down: wait for its exit code, which tells why.
-    lost = isinstance(exc, ConnectionError) or type(exc).__name__ == "Py4JNetworkError"
+    text = java_text(exc)
+    # A JVM that no longer answers is usually going down: wait for its exit code, which tells why.
+    lost = text is None or isinstance(exc, ConnectionError) or type(exc).__name__ == "Py4JNetworkError"
     exit_code = _jvm_exit(wait_s=15 if lost else 0)
-    message = explain(exc, spec, exit_code, _log_since(log_path, log_from))
+    message = explain(exc, spec, exit_code, _log_since(log_path, log_from), text or type(exc).__name__)
     if exit_code is not None:
         _forget_dead_jvm()
     return EngineError(message, log_path)
