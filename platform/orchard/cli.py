@@ -109,6 +109,8 @@ def _execute(spec, console: Console, resume: bool = False):
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - any engine failure is reported, with the log to read
+        if _engine_failed(exc, console):
+            return None
         console.print(f"[bold red]failed:[/] {type(exc).__name__}: {exc}", highlight=False)
         if os.environ.get("ORCHARD_DEBUG"):
             traceback.print_exc()
@@ -119,7 +121,12 @@ def _prep(args, console: Console) -> int:
     from orchard.runner import prepare_only
 
     spec = load_spec(args.spec, args.overrides)
-    prepared = prepare_only(spec, console)
+    try:
+        prepared = prepare_only(spec, console)
+    except Exception as exc:
+        if _engine_failed(exc, console):
+            return EXIT_FAILED
+        raise
     c = prepared.manifest["counts"]
     state = "reused" if prepared.reused else "written"
     console.print(f"prepared data {state}: {prepared.path}")
@@ -128,6 +135,23 @@ def _prep(args, console: Console) -> int:
     if prepared.manifest.get("quarantine_path"):
         console.print(f"  quarantined rows: {prepared.path / prepared.manifest['quarantine_path']}")
     return EXIT_OK
+
+
+def _engine_failed(exc: Exception, console: Console) -> bool:
+    """Print a data-engine failure as its one message and the log to read; False for anything else."""
+    from orchard.data.errors import EngineError
+
+    if not isinstance(exc, EngineError):
+        return False
+    from rich.text import Text
+
+    # The message quotes Spark's text, which may hold [brackets] rich would read as markup.
+    console.print(Text.assemble(("failed: ", "bold red"), str(exc)), highlight=False)
+    if exc.log_path is not None:
+        console.print(f"engine log: {exc.log_path}", highlight=False, markup=False)
+    if os.environ.get("ORCHARD_DEBUG"):
+        traceback.print_exc()
+    return True
 
 
 def _check(args, console: Console) -> int:

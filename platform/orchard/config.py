@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,10 +42,37 @@ class SplitSpec(_Section):
         return self
 
 
+_SPARK_MASTER = re.compile(r"local(\[(\*|\d+)(,\d+)?\])?|spark://[^/\s]+:\d+(,[^/\s]+:\d+)*|k8s://\S+|yarn")
+# Settings with a typed field of their own: one place to set each.
+_SPARK_TYPED = {"spark.master": "master", "spark.driver.memory": "driver_memory",
+                "spark.sql.shuffle.partitions": "shuffle_partitions"}
+
+
 class SparkSpec(_Section):
-    master: str = Field("local[*]", description="Spark master URL; local mode by default.")
-    driver_memory: str = Field("2g", description="spark.driver.memory.")
+    master: str = Field("local[*]", description="Spark master: local[*] | local[N] | spark://HOST:PORT "
+                        "(standalone) | k8s://https://HOST:PORT | yarn.")
+    driver_memory: str = Field("2g", pattern=r"(?i)^\d+([kmgtp]b?)?$", description="spark.driver.memory (e.g. 2g).")
     shuffle_partitions: int = Field(4, ge=1, description="spark.sql.shuffle.partitions.")
+    conf: dict[str, str] = Field({}, description="Further Spark settings passed to Spark as-is, e.g. "
+                                 "spark.executor.memory or spark.kubernetes.container.image.")
+
+    @field_validator("master")
+    @classmethod
+    def _known_master(cls, v: str) -> str:
+        if not _SPARK_MASTER.fullmatch(v):
+            raise ValueError(f"'{v}' is not a Spark master URL: use local[*], local[N], spark://HOST:PORT, "
+                             "k8s://https://HOST:PORT or yarn")
+        return v
+
+    @field_validator("conf")
+    @classmethod
+    def _not_typed(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if key in _SPARK_TYPED:
+                raise ValueError(f"'{key}' has its own field: set data.spark.{_SPARK_TYPED[key]} instead")
+            if not key.startswith("spark."):
+                raise ValueError(f"'{key}' is not a Spark setting (they start with 'spark.')")
+        return v
 
 
 class DataSpec(_Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchard.data.errors import EngineError
 from orchard.data.manifest import PreparedData, load_manifest
 from orchard.data.prepare import prepare
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
     from orchard.config import SparkSpec
 
-__all__ = ["PreparedData", "load_manifest", "prepare", "spark_session"]
+__all__ = ["EngineError", "PreparedData", "load_manifest", "prepare", "spark_session"]
 
 
 def spark_session(spec: SparkSpec | None = None, log_path: Path | None = None) -> SparkSession:

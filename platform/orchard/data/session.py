@@ -1,4 +1,5 @@
-"""The one place a SparkSession is made: local mode, no UI, and Spark's log flood kept off the terminal.
+"""The one place a SparkSession is made: the spec's master (local by default), no UI, quiet logs,
+and Spark failures turned into one ``EngineError`` (see ``orchard.data.errors``).
 
 The JVM is started once per Python process; settings that only apply at launch (driver memory, the
 log4j config, where the JVM's stdout/stderr go) are fixed by whoever starts it first. Later callers
@@ -12,6 +13,7 @@ import contextlib
 import functools
 import logging
 import os
+import subprocess
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from pyspark.java_gateway import launch_gateway
 from pyspark.sql import SparkSession
 
 from orchard.config import SparkSpec
+from orchard.data.errors import EngineError, explain, is_engine_failure, java_text
 
 log = logging.getLogger("orchard.data")
 
@@ -60,15 +63,81 @@ def spark_session(spec: SparkSpec | None = None, log_path: Path | None = None) -
 
 @contextlib.contextmanager
 def spark_for(spec: SparkSpec | None = None, log_path: Path | None = None) -> Iterator[SparkSession]:
-    """A session for one job: stopped afterwards only if this call started it (tests share theirs)."""
+    """A session for one job: stopped afterwards only if this call started it (tests share theirs).
+
+    A Spark or py4j failure, at start or inside the block, leaves as one ``EngineError`` naming the cause
+    and the setting to change; orchard's own errors pass through unchanged.
+    """
+    spec = spec or SparkSpec()
     started = SparkContext._active_spark_context is None
-    session = spark_session(spec, log_path)
+    log_from = _log_size(log_path)
     try:
-        with quiet_pyspark_warnings():
-            yield session
-    finally:
+        session = spark_session(spec, log_path)
+        try:
+            with quiet_pyspark_warnings():
+                yield session
+        except BaseException:
+            if started and _jvm_exit() is None:
+                # The job's error is the one to report, not a failed stop of a broken session.
+                with contextlib.suppress(Exception):
+                    session.stop()
+            raise
         if started:
             session.stop()
+    except Exception as exc:
+        if not is_engine_failure(exc):
+            raise
+        raise _engine_error(exc, spec, log_path, log_from) from exc
+
+
+def _engine_error(exc: BaseException, spec: SparkSpec, log_path: Path | None, log_from: int) -> EngineError:
+    text = java_text(exc)
+    # A JVM that no longer answers is usually going down: wait for its exit code, which tells why.
+    lost = text is None or isinstance(exc, ConnectionError) or type(exc).__name__ == "Py4JNetworkError"
+    exit_code = _jvm_exit(wait_s=15 if lost else 0)
+    message = explain(exc, spec, exit_code, _log_since(log_path, log_from), text or type(exc).__name__)
+    if exit_code is not None:
+        _forget_dead_jvm()
+    return EngineError(message, log_path)
+
+
+def _jvm_exit(wait_s: float = 0) -> int | None:
+    """The JVM's exit code once it has died, else None (also None when no JVM was started here)."""
+    proc = getattr(SparkContext._gateway, "proc", None)
+    if proc is None:
+        return None
+    try:
+        return proc.wait(timeout=wait_s) if wait_s else proc.poll()
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _forget_dead_jvm() -> None:
+    """Let a later session in this process start a fresh JVM instead of calling the dead one."""
+    SparkContext._active_spark_context = None
+    SparkContext._gateway = None
+    SparkContext._jvm = None
+    SparkSession._instantiatedSession = None
+    SparkSession._activeSession = None
+
+
+def _log_size(log_path: Path | None) -> int:
+    try:
+        return Path(log_path).stat().st_size if log_path else 0
+    except OSError:
+        return 0
+
+
+def _log_since(log_path: Path | None, offset: int) -> str:
+    """What the JVM wrote to the engine log during this job (capped: the cause is near the start)."""
+    if not log_path:
+        return ""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(8 << 20).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 @contextlib.contextmanager
@@ -89,6 +158,15 @@ def _get_or_start(spec: SparkSpec, log_path: Path | None) -> SparkSession:
 
 
 def _conf(spec: SparkSpec, level: str) -> SparkConf:
+    conf = _base_conf(spec, level)
+    for key, value in spec.conf.items():
+        if key == "spark.driver.extraJavaOptions":  # keep ours: it carries the log4j config
+            value = f"{conf.get(key)} {value}"
+        conf.set(key, value)
+    return conf
+
+
+def _base_conf(spec: SparkSpec, level: str) -> SparkConf:
     return (
         SparkConf()
         .setMaster(spec.master)
