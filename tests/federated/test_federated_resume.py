@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchard.config import JobSpec
+from orchard.progress import FILE_NAME, read_progress
 
 pytestmark = pytest.mark.slow
 ROUNDS, KILL_AFTER = 8, 2
@@ -41,12 +41,8 @@ def _start(spec: JobSpec, tmp_path: Path, *extra: str) -> subprocess.Popen:
 
 
 def _round(root: Path) -> int:
-    for p in root.glob(".orchard/runs/*/progress.json"):
-        try:
-            return int(json.loads(p.read_text()).get("round", 0))
-        except (OSError, ValueError):
-            return 0
-    return 0
+    states = [read_progress(p) or {} for p in root.glob(f".orchard/runs/*/{FILE_NAME}")]
+    return max((int(s.get("round", 0)) for s in states), default=0)
 
 
 def test_a_killed_federation_resumes_after_its_last_round_in_the_same_run(tmp_path):

@@ -1,6 +1,5 @@
 """Fault tolerance for real: SIGKILL a Ray Train worker (or the whole driver) mid-epoch."""
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from orchard.config import JobSpec
 from orchard.engine.checkpoint import load_checkpoint
 from orchard.models import build_model
+from orchard.progress import FILE_NAME, read_progress
 
 pytestmark = pytest.mark.slow
 EPOCHS, KILL_IN = 6, 3
@@ -39,12 +39,8 @@ def _spec(tmp_path: Path, data_root: Path, max_failures: int) -> JobSpec:
 
 
 def _progress_epoch(root: Path) -> int:
-    for p in root.glob(".orchard/runs/*/progress.json"):
-        try:
-            return int(json.loads(p.read_text()).get("epoch", 0))
-        except (OSError, ValueError):
-            return 0
-    return 0
+    states = [read_progress(p) or {} for p in root.glob(f".orchard/runs/*/{FILE_NAME}")]
+    return max((int(s.get("epoch", 0)) for s in states), default=0)
 
 
 def _wait_for_epoch(root: Path, epoch: int, timeout: float = 240) -> None:
