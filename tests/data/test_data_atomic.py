@@ -21,7 +21,7 @@ import yaml
 from orchard.config import validate_spec
 from orchard.data import load_manifest, prepare
 from orchard.data.manifest import SPLITS, verify
-from orchard.data.prepare import prepared_path
+from orchard.data.prepare import _reusable, prepared_path
 from orchard.data.synthetic import write_prepared
 from orchard.data.write import OWNER, exclusive, staging, sweep
 from tests.data.prep_helpers import row_set, write_csv
@@ -90,6 +90,15 @@ def test_a_manifest_without_files_still_gets_its_row_counts_checked(tmp_path):
     assert verify(load_manifest(prepared.path)) == []
     (prepared.path / "test" / "part-00000.parquet").unlink()
     assert verify(load_manifest(prepared.path)) == ["test: 1 files with 5 rows, the manifest counts 10"]
+
+
+def test_a_torn_manifest_makes_the_folder_unreusable_with_a_warning(tmp_path, caplog):
+    prepared = _synthetic(tmp_path / "p")
+    assert _reusable(prepared.path) is not None
+    (prepared.path / "manifest.json").write_text('{"version": 1, "files": [')
+    with caplog.at_level(logging.WARNING, logger="orchard.data"):
+        assert _reusable(prepared.path, warn=True) is None
+    assert "unreadable manifest.json" in caplog.text
 
 
 # -- locks and leftovers ------------------------------------------------------------------------------

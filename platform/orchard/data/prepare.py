@@ -55,11 +55,9 @@ def _reusable(target: Path, warn: bool = False) -> PreparedData | None:
         return None
     try:
         prepared = load_manifest(target)
-    except (OSError, ValueError) as e:
-        if warn:
-            log.warning("prepared data %s: unreadable manifest.json (%s)", target, e)
-        return None
-    problems = verify(prepared)
+        problems = verify(prepared)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a manifest that does not parse or files vanishing
+        prepared, problems = None, [f"unreadable manifest.json or files ({e!r})"]
     if problems and warn:
         log.warning("prepared data %s does not match its manifest: %s", target, "; ".join(problems))
     return None if problems else prepared
