@@ -213,10 +213,12 @@ def test_a_prep_killed_mid_write_leaves_nothing_reusable_and_the_next_prep_clean
     proc = _orchard_prep(spec, tmp_path)
     staged: list[Path] = []
     deadline = time.monotonic() + 240
-    while not staged and proc.poll() is None and time.monotonic() < deadline:
-        staged = list(target.parent.glob(f".{target.name}.tmp-*/**/*.parquet"))
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its JVM
+    try:
+        while not staged and proc.poll() is None and time.monotonic() < deadline:
+            staged = list(target.parent.glob(f".{target.name}.tmp-*/**/*.parquet"))
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its JVM, mid-write
     output = proc.communicate()[0]
     assert staged, f"the prep ended before writing Parquet:\n{output}"
     assert _gone(proc.pid)
@@ -238,7 +240,12 @@ def test_a_prep_killed_mid_write_leaves_nothing_reusable_and_the_next_prep_clean
 def test_two_concurrent_preps_of_one_spec_both_succeed_with_one_complete_folder(tmp_path):
     spec, target = _spec_file(tmp_path, rows=3000)
     procs = [_orchard_prep(spec, tmp_path) for _ in range(2)]
-    outputs = [p.communicate(timeout=280)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=280)[0] for p in procs]
+    finally:
+        for p in procs:  # a hung prep must not outlive the test (its JVM included)
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
     states = sorted("written" if "prepared data written" in o else "reused" if "prepared data reused" in o
                     else o for o in outputs)
