@@ -16,7 +16,7 @@ from orchard.data.prepare import prepared_path
 MANIFEST_KEYS = {
     "version", "source", "dataset", "content_hash", "label_column", "features", "feature_dim", "image_shape",
     "classes", "num_classes", "task", "normalize", "stats", "counts", "splits", "quarantine_path", "schema",
-    "split", "created_at", "spark_version", "overlap",
+    "split", "created_at", "spark_version", "overlap", "files",
 }  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from orchard.data.write import split_schema
 PREP_KEYS = {
     "version", "source", "dataset", "content_hash", "label_column", "features", "feature_dim", "image_shape",
     "classes", "num_classes", "task", "normalize", "stats", "counts", "splits", "quarantine_path", "schema",
-    "split", "created_at", "spark_version",
+    "split", "created_at", "spark_version", "files",
 }  # fmt: skip  (test_data_layout.py's MANIFEST_KEYS: what a real prep writes)
 
 

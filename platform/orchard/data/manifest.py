@@ -28,12 +28,19 @@ Details the writer guarantees:
   (they are kept, in one split);
 - rows with equal features always share a split, whatever their label or group (no feature vector is
   in two splits); ``overlap`` counts the kept rows whose features another row also has
-  (``shared_features``) and those among them whose labels differ (``conflicting_labels``).
+  (``shared_features``) and those among them whose labels differ (``conflicting_labels``);
+- ``files`` (optional: folders written before it lack it) lists every Parquet file of the folder as
+  ``{"path": "train/part-00000.parquet", "bytes": size, "rows": footer row count, "hash":
+  "xxh3_128:<hex>"}`` (``blake2b:`` where xxhash is not installed), sorted by path;
+- the folder appears complete or not at all (written beside it, then renamed), and ``prepare`` reuses
+  it only while ``verify`` finds its files as ``files`` describes them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,6 +88,105 @@ def slug(text: str, default: str = "data") -> str:
 def prepared_folder(output: str | Path, dataset: str, content_hash: str) -> Path:
     """The one place the prepared folder's name is formed: ``<data.output>/<dataset>-<content_hash>``."""
     return Path(output) / f"{dataset}-{content_hash}"
+
+
+# -- verifying ---------------------------------------------------------------------------------------
+# Sizes and footer row counts cost ~0.5 ms for a 56 MB folder; a full xxh3 pass ~10 ms (blake2b ~250 ms,
+# sha256 ~350 ms) on this 2-core box, so small folders are hashed by default and big ones on request.
+
+VERIFY_ENV = "ORCHARD_VERIFY_DATA"  # quick: sizes + footer row counts; full: also hashes; auto (default)
+HASH_UP_TO = 256 * 2**20  # auto hashes folders up to this many bytes of Parquet
+
+
+def file_hash(path: str | Path, algorithm: str | None = None) -> str | None:
+    """``"<algorithm>:<hex digest>"`` of a file's bytes; None for an algorithm not installed here."""
+    if algorithm is None:
+        try:
+            import xxhash  # noqa: F401
+            algorithm = "xxh3_128"
+        except ImportError:
+            algorithm = "blake2b"
+    if algorithm == "xxh3_128":
+        try:
+            import xxhash
+        except ImportError:
+            return None
+        digest = xxhash.xxh3_128()
+    elif algorithm in ("blake2b", "sha256"):
+        digest = hashlib.new(algorithm)
+    else:
+        return None
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return f"{algorithm}:{digest.hexdigest()}"
+
+
+def verify(prepared: PreparedData, full: bool | None = None) -> list[str]:
+    """What in the folder no longer matches the manifest, one line per file; empty when all matches.
+
+    Always checks each listed file's existence, size and Parquet footer row count, and that no
+    unlisted Parquet file sits in a split folder; with ``full`` also its hash. ``full=None`` follows
+    ``$ORCHARD_VERIFY_DATA`` (``quick``, ``full``, or ``auto``: hash when the files total at most
+    ``HASH_UP_TO`` bytes). A manifest without ``files`` gets each split's row count checked instead.
+    """
+    records = prepared.manifest.get("files")
+    if records is None:
+        return _verify_counts(prepared)
+    problems = []
+    if full is None:
+        mode = os.environ.get(VERIFY_ENV, "auto")
+        full = mode == "full" or (mode == "auto" and sum(int(r["bytes"]) for r in records) <= HASH_UP_TO)
+    for record in records:
+        problem = _verify_file(prepared.path / record["path"], record, full)
+        if problem:
+            problems.append(f"{record['path']}: {problem}")
+    listed = {r["path"] for r in records}
+    folders = {Path(r["path"]).parent.as_posix() for r in records}
+    for folder in sorted(folders | set(prepared.manifest.get("splits", {}).values())):
+        for f in sorted((prepared.path / folder).glob("*.parquet")):
+            if f.relative_to(prepared.path).as_posix() not in listed:
+                problems.append(f"{f.relative_to(prepared.path).as_posix()}: not listed in the manifest")
+    return problems
+
+
+def _verify_file(path: Path, record: dict[str, Any], full: bool) -> str | None:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"{size} bytes, the manifest says {record['bytes']}"
+    try:
+        rows = pq.read_metadata(path).num_rows
+    except Exception as e:  # a torn or overwritten footer: pyarrow's error type varies
+        return f"unreadable Parquet footer ({e})"
+    if rows != record["rows"]:
+        return f"{rows} rows, the manifest says {record['rows']}"
+    if full and record.get("hash"):
+        algorithm = record["hash"].partition(":")[0]
+        got = file_hash(path, algorithm)
+        if got is not None and got != record["hash"]:
+            return f"content hash {got}, the manifest says {record['hash']}"
+    return None
+
+
+def _verify_counts(prepared: PreparedData) -> list[str]:
+    import pyarrow.parquet as pq
+
+    problems = []
+    for split in SPLITS:
+        files = split_files(prepared, split)
+        try:
+            rows = sum(pq.read_metadata(f).num_rows for f in files)
+        except Exception as e:
+            problems.append(f"{split}: unreadable Parquet footer ({e})")
+            continue
+        if not files or rows != prepared.manifest["counts"][split]:
+            problems.append(f"{split}: {len(files)} files with {rows} rows, the manifest counts "
+                            f"{prepared.manifest['counts'][split]}")
+    return problems
 
 
 # -- reading -----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from orchard.data.manifest import GROUP_COL, LABEL_COL, SPLITS, PreparedData, load_manifest
-from orchard.data.write import contract_table, split_schema, write_manifest, write_parts
+from orchard.data.write import contract_table, file_records, split_schema, write_manifest, write_parts
 
 
 def write_prepared(path: str | Path, x: np.ndarray, y: np.ndarray, splits: Mapping[str, Any], *,
@@ -43,7 +43,8 @@ def write_prepared(path: str | Path, x: np.ndarray, y: np.ndarray, splits: Mappi
     for split, idx in rows.items():
         table = contract_table(x[idx], y[idx], None if groups is None else np.asarray(groups)[idx])
         write_parts(table, path / split, files)
-    write_manifest(path, {**_manifest(x, y, rows, regression, groups, partition_by), **manifest})
+    files = {"files": file_records(path)}  # as prep records them, so prepare() can verify the folder
+    write_manifest(path, {**_manifest(x, y, rows, regression, groups, partition_by), **files, **manifest})
     return load_manifest(path)
 
 

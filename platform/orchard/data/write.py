@@ -3,15 +3,21 @@
 Spark writes arrays as variable-length LIST; the contract is one ``fixed_size_list<float32>[D]``
 column (the layout Ray Data feeds fastest), rows shuffled by seed, and a fixed number of files.
 Everything lands in a temporary folder beside the target that is renamed into place when complete,
-so a reader never sees half a dataset and a failed prep leaves nothing behind.
+so a reader never sees half a dataset and a failed prep leaves nothing behind. A prep killed outright
+(SIGKILL, power loss) leaves only a staging folder whose owner lock nobody holds; ``sweep`` removes it.
+One prep per target at a time: ``exclusive`` holds ``<target>.lock`` (``fcntl.flock``, released by the
+kernel when its process dies, so a dead prep never blocks the next one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +29,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from orchard.data.manifest import FEATURES_COL, GROUP_COL, LABEL_COL, MANIFEST
+from orchard.data.manifest import FEATURES_COL, GROUP_COL, LABEL_COL, MANIFEST, file_hash
+
+log = logging.getLogger("orchard.data")
 
 SPARK_DIR = "_spark"  # Spark's own output inside the staging folder; removed before publishing
+OWNER = ".owner"  # in a staging folder: flock-ed by the process writing it, with its pid
 QUARANTINE = "quarantine"
 QUARANTINE_SCHEMA = pa.schema([("row", pa.int64()), ("reason", pa.string()), ("raw", pa.string())])
 
@@ -91,21 +100,100 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         fh.write("\n")
 
 
+def file_records(folder: Path) -> list[dict[str, Any]]:
+    """Every Parquet file of a finished folder (splits, quarantine) as the manifest's ``files`` entries."""
+    records = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != SPARK_DIR):
+        for f in sorted(sub.glob("*.parquet")):
+            records.append({"path": f.relative_to(folder).as_posix(), "bytes": f.stat().st_size,
+                            "rows": pq.read_metadata(f).num_rows, "hash": file_hash(f)})
+    return records
+
+
+@contextlib.contextmanager
+def exclusive(target: Path) -> Iterator[None]:
+    """Hold ``<target>.lock`` while preparing ``target``: a second prep of the same data waits here.
+
+    The holder unlinks the file before releasing it (nothing is left beside the dataset); a waiter
+    that then gets the lock on the unlinked file notices (the path no longer names its file) and retries.
+    """
+    lock = target.with_name(target.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                log.info("waiting for another prep of the same data (%s) to finish", _holder(fd) or lock)
+                waited = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        _claim(fd)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)  # releases the lock
+
+
 @contextlib.contextmanager
 def staging(target: Path) -> Iterator[Path]:
-    """A fresh folder beside ``target``; removed on failure and on success once published."""
+    """A fresh folder beside ``target``, owned (flock on ``.owner``) by this process while it writes.
+
+    Removed on failure and on success once published; if the process is killed, the kernel releases
+    the owner lock and the next ``sweep`` removes the folder.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    fd = os.open(tmp / OWNER, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _claim(fd)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+def sweep(target: Path) -> list[Path]:
+    """Remove what dead preps of ``target`` left beside it (staging folders, folders moved aside).
+
+    A staging folder whose owner lock is still held belongs to a live prep and is kept. Returns the
+    folders removed.
+    """
+    removed = []
+    for leftover in sorted(target.parent.glob(f".{target.name}.*")):
+        if not leftover.is_dir() or (".tmp-" not in leftover.name and ".bad-" not in leftover.name):
+            continue
+        if _owned(leftover / OWNER):
+            continue
+        log.info("removing %s, left by a prep that did not finish", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+        removed.append(leftover)
+    return removed
+
+
+def discard(target: Path) -> None:
+    """Move a bad prepared folder out of the way in one rename (readers then find nothing), then delete it."""
+    aside = target.with_name(f".{target.name}.bad-{uuid.uuid4().hex[:8]}")
+    log.warning("moving %s aside to %s and preparing it again", target, aside.name)
+    os.replace(target, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def publish(tmp: Path, target: Path) -> bool:
     """Move the finished folder into place. False if an identical prep got there first."""
     shutil.rmtree(tmp / SPARK_DIR, ignore_errors=True)
+    (tmp / OWNER).unlink(missing_ok=True)  # the lock stays held on the open file until staging ends
     try:
         os.replace(tmp, target)
     except OSError:
@@ -114,3 +202,27 @@ def publish(tmp: Path, target: Path) -> bool:
             return False
         raise
     return True
+
+
+def _claim(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+
+def _holder(fd: int) -> str:
+    return os.pread(fd, 200, 0).decode(errors="replace").strip()
+
+
+def _owned(owner: Path) -> bool:
+    """Whether a live process holds ``owner``'s lock (False when the file is missing)."""
+    try:
+        fd = os.open(owner, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
