@@ -1,4 +1,4 @@
-"""Import direction: tracking is a sink that imports no engine, and the engines never import tracking.
+"""Import direction: entry points on top, engines below them, tracking a sink that imports no engine.
 
 Every import counts, including those inside functions (the lazy ones), read from the source with ``ast``.
 """
@@ -14,10 +14,16 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "orchard"
 
+TOP = ("orchard.cli", "orchard.runner", "orchard.study", "orchard.job_entry")  # entry points: nothing below imports them
+ENGINES = ("orchard.train", "orchard.federated", "orchard.remote", "orchard.bench")
 RULES = {
-    "tracking": ("orchard.federated", "orchard.train", "orchard.engine", "orchard.data"),
-    "federated": ("orchard.tracking",),
-    "train": ("orchard.tracking",),
+    "tracking": ("orchard.federated", "orchard.train", "orchard.engine", "orchard.data", *TOP),
+    "federated": ("orchard.tracking", "orchard.train", "orchard.remote", "orchard.bench", *TOP),
+    "train": ("orchard.tracking", "orchard.federated", "orchard.remote", "orchard.bench", *TOP),
+    "remote": ("orchard.tracking", *ENGINES[:2], "orchard.data", *TOP),
+    "engine": ("orchard.tracking", "orchard.data", "orchard.models", *ENGINES, *TOP),
+    "models": ("orchard.tracking", "orchard.data", "orchard.engine", *ENGINES, *TOP),
+    "data": ("orchard.tracking", "orchard.engine", "orchard.models", *ENGINES, *TOP),
 }
 
 

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from orchard.remote import entry, jobs
+from orchard import job_entry as entry
+from orchard.remote import jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_entrypoint_runs_the_given_interpreter_through_the_entry_check():
     cmd = jobs.entrypoint("jobs/digits-cnn.yaml", ["train.epochs=2"], True, "/opt/venv/bin/python3")
-    assert cmd == ("PYTHONPATH=platform${PYTHONPATH:+:$PYTHONPATH} /opt/venv/bin/python3 -m orchard.remote.entry "
+    assert cmd == ("PYTHONPATH=platform${PYTHONPATH:+:$PYTHONPATH} /opt/venv/bin/python3 -m orchard.job_entry "
                    "run jobs/digits-cnn.yaml --set train.epochs=2")
 
 
@@ -28,7 +29,7 @@ def test_an_interpreter_without_the_stack_stops_naming_itself_and_what_it_lacks(
     if not bare or subprocess.run([bare[0], "-c", "import rich"], capture_output=True).returncode == 0:
         pytest.skip("no system python3 without rich here")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    out = subprocess.run([bare[0], "-m", "orchard.remote.entry", "run", "jobs/digits-cnn.yaml"], cwd=ROOT,
+    out = subprocess.run([bare[0], "-m", "orchard.job_entry", "run", "jobs/digits-cnn.yaml"], cwd=ROOT,
                          env={**env, "PYTHONPATH": str(ROOT / "platform")}, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "lacks rich" in out.stderr and "Traceback" not in out.stderr

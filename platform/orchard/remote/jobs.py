@@ -76,8 +76,8 @@ def runtime_env(project_root: Path, image: str | None = None) -> dict[str, Any]:
 
 
 def entrypoint(spec_path: str, overrides: list[str], shipped: bool, python: str = "python") -> str:
-    """``orchard run SPEC`` through ``entry.py``, which names the interpreter if it lacks Orchard's stack."""
-    cmd = [python, "-m", "orchard.remote.entry", "run", spec_path]
+    """``orchard run SPEC`` through ``orchard.job_entry``, which names the interpreter if it lacks Orchard's stack."""
+    cmd = [python, "-m", "orchard.job_entry", "run", spec_path]
     for o in overrides:
         cmd += ["--set", o]
     # A shipped project is imported from its own source root; an image has orchard installed.

@@ -48,7 +48,7 @@ def _user() -> str:
 
 def _orchard_argv() -> list[str] | None:
     argv = sys.argv
-    if len(argv) > 1 and Path(argv[0]).name in ("orchard", "cli.py", "entry.py", "__main__.py"):
+    if len(argv) > 1 and Path(argv[0]).name in ("orchard", "cli.py", "job_entry.py", "__main__.py"):
         return argv[1:]
     return None
 
