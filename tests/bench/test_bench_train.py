@@ -42,11 +42,14 @@ def test_bench_train_reports_every_ratio_of_every_case_with_its_spread(tmp_path)
             assert r["value"] >= -0.5, r  # a part is a difference of clock readings: never much below zero
             continue
         assert r["value"] > 0, r
-        if r["ratio"] is not None:
+        if r["ratio"] is not None and r["unit"] == "samples/s":
             # Throughput ratios of the same work: far outside this band means a side measured nothing.
             assert 0.05 < r["ratio"] < 20, r
+        if r["ratio"] is not None:
             # The ratio of the means is a weighted mean of the per-repeat ratios, so it lies between them.
             assert lo - 1e-9 <= r["ratio"] <= hi + 1e-9, r
+    # Wall times, not rates: Spark prep, Ray and MLflow cost far more than a tiny training loop.
+    assert got[(e2e, E2E_METRIC)]["ratio"] > 1
     for cache in CACHES:
         assert got[("mlp", platform_metric(cache))]["repeats"] == repeats
     # Spark prep, Ray start and the MLflow run were each measured in the orchard run's own process.

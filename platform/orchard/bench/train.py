@@ -15,7 +15,8 @@ so a ratio measures the platform, not a faster optimizer step.
                                   same model for the same epochs and tests it; both subprocesses, timed
                                   from outside. Seconds, so above 1 is slower.
   startup/<part>                  the end-to-end run's fixed cost by part, in seconds, from the
-                                  ``timings.json`` that ``orchard run`` writes into its run folder.
+                                  ``timings.json`` that ``orchard run`` writes into its run folder
+                                  (see STARTUP_PARTS); startup/total is every part but prepare.
 Throughput is steady state (the first epoch warms up and is not counted). The fixed cost of a run is
 its wall time minus epochs × the steady epoch time: Ray start, worker group, data planning, eval, checkpoints.
 
