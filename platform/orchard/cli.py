@@ -196,7 +196,7 @@ def _bench(args, console: Console) -> int:
     import importlib
     from pathlib import Path as _Path
 
-    from orchard.bench import BENCHES, write_report
+    from orchard.bench import BENCHES, spread_text, write_report
     from orchard.console import engine_output_to
 
     module, fn = BENCHES[args.name].split(":")
@@ -205,12 +205,12 @@ def _bench(args, console: Console) -> int:
         results = getattr(importlib.import_module(module), fn)(progress=lambda msg: term.print(msg, highlight=False))
     report = write_report(args.name, results, args.json_path)
     table = Table(title=f"orchard bench {args.name}")
-    for col in ("case", "metric", "value", "baseline", "ratio"):
+    for col in ("case", "metric", "value", "baseline", "ratio", "spread"):
         table.add_column(col)
     for r in report["results"]:
-        base = "" if r["baseline"] is None else f"{r['baseline']:,.0f}"
+        base = "" if r["baseline"] is None else f"{r['baseline']:,.1f}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}×"
-        table.add_row(r["case"], r["metric"], f"{r['value']:,.1f} {r['unit']}", base, ratio)
+        table.add_row(r["case"], r["metric"], f"{r['value']:,.1f} {r['unit']}", base, ratio, spread_text(r))
     console.print(table)
     console.print(f"machine: {report['machine']}")
     if args.json_path:

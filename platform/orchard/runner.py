@@ -56,10 +56,23 @@ def run_job(spec: JobSpec, console: Console | None = None, resume: bool = False)
     t0 = time.perf_counter()
     with engine_output_to(log_path, console) as term, _progress(term) as progress:
         prepared = _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
-        summary = _tracked(spec, prepared, progress, run_dir, resume_id)
+        timings = {"prepare": time.perf_counter() - t0}
+        summary = _tracked(spec, prepared, progress, run_dir, resume_id, timings)
     summary.wall_s = time.perf_counter() - t0
+    _write_timings(run_dir, timings | {"run_job": summary.wall_s})
     summary.log_path = log_path
     return summary
+
+
+TIMINGS_FILE = "timings.json"
+
+
+def _write_timings(run_dir: Path, timings: dict[str, float]) -> None:
+    """Seconds per fixed-cost part of this run (prepare, mlflow_run, ray_start...), for ``orchard bench train``."""
+    import json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / TIMINGS_FILE).write_text(json.dumps({k: round(v, 3) for k, v in timings.items()}, indent=1))
 
 
 def prepare_only(spec: JobSpec, console: Console | None = None):
@@ -111,21 +124,27 @@ def _resumable(spec: JobSpec) -> str:
     return run_id
 
 
-def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path, resume_id: str | None) -> JobSummary:
+def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path, resume_id: str | None,
+             timings: dict[str, float]) -> JobSummary:
     from orchard.tracking import JobRun
 
+    t0 = time.perf_counter()
     job = JobRun(spec, resume_run_id=resume_id)
     try:
         job.monitor_system()
         if not job.resumed:
             job.log_dataset(prepared)
+        timings["mlflow_run"] = time.perf_counter() - t0
         if spec.kind == "train":
             result = _train(spec, prepared, job, progress, run_dir)
             engine = f"Ray Train ({spec.scaling.num_workers} workers)"
         else:
             result = _federate(spec, prepared, job, progress, run_dir)
             engine = f"Flower ({spec.federated.clients} clients)"
+        timings.update(result.extra.get("startup", {}))
+        t0 = time.perf_counter()
         model_uri = _step(progress, "log model and plots (MLflow)", lambda: _log_outputs(job, spec, prepared, result))
+        timings["log_outputs"] = time.perf_counter() - t0
         headline = result.headline()
         job.describe(prepared.manifest, headline, sum(p.numel() for p in result.model.parameters()))
         job.log_artifact(run_dir / "engine.log", "logs")

@@ -8,20 +8,51 @@ import pytest
 
 
 @pytest.mark.slow
-def test_bench_train_reports_every_ratio_of_every_case(tmp_path):
+def test_bench_train_reports_every_ratio_of_every_case_with_its_spread(tmp_path):
     from orchard.bench import write_report
-    from orchard.bench.train import CASES, run
+    from orchard.bench.train import (
+        CACHES,
+        CASES,
+        E2E_METRIC,
+        END_TO_END,
+        FED_METRIC,
+        FIXED_METRIC,
+        STARTUP_PARTS,
+        WORKERS_METRIC,
+        platform_metric,
+        run,
+    )
 
-    results = run(progress=lambda _msg: None, scale=0.02)
+    repeats = 1  # every code path, within ~3 min on an idle 2-core machine; spreads need the default 3
+    results = run(progress=lambda _msg: None, scale=0.02, repeats=repeats)
     report = write_report("train", results, tmp_path / "bench.json")
-    got = {(r["case"], r["metric"]) for r in report["results"]}
+    got = {(r["case"], r["metric"]): r for r in report["results"]}
     for case in CASES:
-        assert {(case, "platform / plain loop"), (case, "Ray Data fed / in-memory fed"),
-                (case, "fixed cost of a run")} <= got
-    assert ("mlp", "2 workers / 1 worker") in got
+        wanted = {FED_METRIC, FIXED_METRIC, *(platform_metric(c) for c in CACHES)}
+        assert {(case, m) for m in wanted} <= got.keys(), case
+    assert ("mlp", WORKERS_METRIC) in got
+    e2e = f"{END_TO_END} (end-to-end)"
+    assert (e2e, E2E_METRIC) in got
+    assert {(e2e, f"startup/{p}") for p in (*STARTUP_PARTS, "total")} <= got.keys()
     for r in report["results"]:
-        assert math.isfinite(r["value"]) and r["value"] > 0, r
-        if r["ratio"] is not None:
+        assert math.isfinite(r["value"]), r
+        lo, hi = r["spread"]
+        assert r["repeats"] >= 1 and lo <= hi, r
+        if r["metric"].startswith("startup/"):
+            assert r["value"] >= -0.5, r  # a part is a difference of clock readings: never much below zero
+            continue
+        assert r["value"] > 0, r
+        if r["ratio"] is not None and r["unit"] == "samples/s":
             # Throughput ratios of the same work: far outside this band means a side measured nothing.
             assert 0.05 < r["ratio"] < 20, r
+        if r["ratio"] is not None:
+            # The ratio of the means is a weighted mean of the per-repeat ratios, so it lies between them.
+            assert lo - 1e-9 <= r["ratio"] <= hi + 1e-9, r
+    # Wall times, not rates: Spark prep, Ray and MLflow cost far more than a tiny training loop.
+    assert got[(e2e, E2E_METRIC)]["ratio"] > 1
+    for cache in CACHES:
+        assert got[("mlp", platform_metric(cache))]["repeats"] == repeats
+    # Spark prep, Ray start and the MLflow run were each measured in the orchard run's own process.
+    for part in ("prepare", "ray_start", "mlflow_run", "worker_group"):
+        assert got[(e2e, f"startup/{part}")]["value"] > 0, part
     assert (tmp_path / "bench.json").is_file()

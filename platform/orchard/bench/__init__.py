@@ -1,4 +1,8 @@
-"""``orchard bench NAME``: throughput measured against a baseline in the same run (ratios)."""
+"""``orchard bench NAME``: throughput measured against a baseline in the same run (ratios).
+
+A ratio comes with ``spread``: the lowest and highest of its per-repeat ratios (each repeat's measurement
+over the baseline measured next to it), over ``repeats`` repeats.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ class Result:
     baseline: float | None = None
     ratio: float | None = None
     note: str = ""
+    spread: list[float] | None = None  # [lowest, highest] per-repeat ratio (or value, for a row without a ratio)
+    repeats: int | None = None
 
 
 def machine() -> dict[str, Any]:
@@ -37,6 +43,15 @@ def write_report(name: str, results: list[Result], path: str | Path | None) -> d
     if path:
         Path(path).write_text(json.dumps(report, indent=2))
     return report
+
+
+def spread_text(r: dict[str, Any]) -> str:
+    """``0.91–0.97 (n=3)``, as printed next to a ratio; empty without a spread."""
+    if not r.get("spread"):
+        return ""
+    lo, hi = r["spread"]
+    fmt = (lambda v: f"{v:.2f}") if r.get("ratio") is not None or abs(hi) < 100 else (lambda v: f"{v:,.0f}")
+    return f"{fmt(lo)}–{fmt(hi)} (n={r.get('repeats')})"
 
 
 BENCHES = {"train": "orchard.bench.train:run", "train-gpu": "orchard.bench.gpu:run",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from orchard.config import JobSpec
 from orchard.data.manifest import PreparedData, read_labels
 from orchard.engine.checkpoint import load_checkpoint
 from orchard.models import build_model
-from orchard.progress import write_progress
+from orchard.progress import read_progress, write_progress
 from orchard.raystart import start_ray
 from orchard.results import MetricLogger, RunResult
 
@@ -57,13 +58,18 @@ def _progress_callback(logger: MetricLogger | None, progress_file: Path | None):
     class ReportToLogger(UserCallback):
         """Runs on the controller after every report: rank 0's metrics go to the logger and progress file."""
 
+        first_report_at: float | None = None
+
         def after_report(self, run_context, metrics, checkpoint):
+            now = time.time()  # wall clock: the controller is another process; the driver reads these
+            self.first_report_at = self.first_report_at or now
             m = dict(metrics[0])
             step = int(m.pop("epoch", 0))
             if logger is not None:
                 logger.log_metrics({k: v for k, v in m.items() if isinstance(v, int | float)}, step)
             if progress_file is not None:
-                write_progress(progress_file, {"epoch": step, **m})
+                write_progress(progress_file, {"epoch": step, **m, "first_report_at": self.first_report_at,
+                                               "report_at": now})
 
     return ReportToLogger()
 
@@ -82,12 +88,15 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
     from orchard.train.feed import ingest_options, read_split
     from orchard.train.worker import TEST_FILE, train_loop
 
+    stamps = {"start": time.time()}
     start_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker + 1)
+    stamps["ray_started"] = time.time()
     _quiet_ray_data()
     _warn_node_local_storage(spec.scaling.storage_path)
     datasets = {s: read_split(str(prepared.split_path(s).resolve()), prepared.manifest["counts"][s],
                               prepared.manifest["feature_dim"], shuffle_files=s == "train", seed=spec.train.seed)
                 for s in ("train", "val", "test")}
+    stamps["data_planned"] = time.time()
     use_gpu = _use_gpu(spec)
     cut = prepared.manifest["counts"]["train"] % spec.scaling.num_workers
     # Ray's streaming_split(equal=True) drops the remainder; workers report train/rows_dropped_per_epoch.
@@ -112,8 +121,33 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
         ),
     )
     log.info("fitting %s with %d worker(s), gpu=%s", spec.name, spec.scaling.num_workers, use_gpu)
+    stamps["fit"] = time.time()
     result = trainer.fit()
-    return _collect(spec, prepared, result.checkpoint, TEST_FILE)
+    stamps["fit_returned"] = time.time()
+    out = _collect(spec, prepared, result.checkpoint, TEST_FILE)
+    out.extra["startup"] = startup_parts(stamps, out.history, progress_file)
+    return out
+
+
+def startup_parts(stamps: dict[str, float], history: list[dict[str, Any]], progress_file: Path | None
+                  ) -> dict[str, float]:
+    """Seconds of a run's fixed cost, by part, from wall-clock stamps (what ``orchard bench train`` reports).
+
+    worker_group: fit() to the first epoch's report, less that epoch's training (worker group and process
+    group start, model build, the first val pass and checkpoint); first_epoch_extra: epoch 1's training
+    time over a later epoch's (Ray Data's first execution, the epoch cache filling); teardown: the last
+    report to fit() returning (worker group shutdown). The last three need the progress file's stamps.
+    """
+    parts = {"ray_start": stamps["ray_started"] - stamps["start"],
+             "data_plan": stamps["data_planned"] - stamps["ray_started"]}
+    seconds = [h["train/epoch_seconds"] for h in history if "train/epoch_seconds" in h]
+    if len(seconds) > 1:
+        parts["first_epoch_extra"] = max(0.0, seconds[0] - float(np.median(seconds[1:])))
+    state = read_progress(progress_file) if progress_file is not None else None
+    if state and "first_report_at" in state and seconds:
+        parts["worker_group"] = state["first_report_at"] - stamps["fit"] - seconds[0]
+        parts["teardown"] = stamps["fit_returned"] - state["report_at"]
+    return parts
 
 
 def _worker_manifest(spec: JobSpec, prepared: PreparedData) -> dict[str, Any]:
