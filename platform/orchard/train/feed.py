@@ -112,8 +112,8 @@ def read_split(path: str, rows: int, feature_dim: int, shuffle_files: bool = Fal
     order is shuffled by the consumer (``tensor_batches(rng=...)``), materialized or not.
 
     Blocks come out in file order (``preserve_order``), never in the order parallel read tasks finish:
-    a seeded shuffle of an arrival order is not reproducible, and rank slices need every rank to see
-    the same order.
+    a seeded shuffle of an arrival order is not reproducible, and ``streaming_split`` deals blocks to
+    ranks in the order they come (``ShardConfig``).
     """
     import ray
     import ray.data
