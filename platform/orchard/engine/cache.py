@@ -53,8 +53,8 @@ class EpochCache:
                     xs.append(x)
                     ys.append(y)
             yield x, y
-        if xs:
-            self.x, self.y = torch.cat(xs), torch.cat(ys)
+        if xs is not None:  # an empty shard is cached too (as nothing): every rank replays, none streams
+            self.x, self.y = (torch.cat(xs), torch.cat(ys)) if xs else (torch.empty(0), torch.empty(0))
 
     def _replay(self) -> Iterator[Batch]:
         n = self.y.shape[0]

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from ray.train import DataConfig
 
 from orchard.data.manifest import FEATURES_COL, LABEL_COL, feature_matrix
 
@@ -111,8 +112,8 @@ def read_split(path: str, rows: int, feature_dim: int, shuffle_files: bool = Fal
     order is shuffled by the consumer (``tensor_batches(rng=...)``), materialized or not.
 
     Blocks come out in file order (``preserve_order``), never in the order parallel read tasks finish:
-    a seeded shuffle of an arrival order is not reproducible, and rank slices need every rank to see
-    the same order.
+    a seeded shuffle of an arrival order is not reproducible, and ``streaming_split`` deals blocks to
+    ranks in the order they come (``ShardConfig``).
     """
     import ray
     import ray.data
@@ -134,8 +135,43 @@ def ingest_options():
     """Ray Train's ingest options with ``preserve_order``: ``DataConfig`` applies these to every dataset,
     replacing each one's own; in order, ``streaming_split`` deals the same blocks to the same rank on
     every run (it hands each block to the rank with the fewest rows so far)."""
-    from ray.train import DataConfig
-
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return options
+
+
+class ShardConfig(DataConfig):
+    """Ray Train's dataset config with two kinds of shard, both in ``preserve_order``.
+
+    ``equal`` datasets (training) go through ``streaming_split(equal=True)``: every rank gets the same
+    row count, so DDP step counts match (the remainder is dropped). ``disjoint`` ones (val, test) go
+    through ``streaming_split(equal=False)``: each block goes, whole, to one rank, so every row is
+    evaluated by exactly one rank exactly once, streamed or materialized, and each rank reads only its
+    own blocks (not the whole split). Row counts then differ between ranks by up to a block: evaluation
+    runs ranks in lockstep (``evaluate(pad_input=...)``) and all-reduces its sums.
+    """
+
+    def __init__(self, equal: list[str], disjoint: list[str]) -> None:
+        super().__init__(datasets_to_split=list(equal), execution_options=ingest_options())
+        self._disjoint = list(disjoint)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        rest = {name: ds for name, ds in datasets.items() if name not in self._disjoint}
+        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+        from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
+
+        for name in self._disjoint:
+            if name not in datasets:
+                continue
+            ds = datasets[name].copy(datasets[name])
+            if ds.name is None:
+                ds.set_name(name)
+            options = self._get_execution_options(name)
+            if options.is_resource_limits_default() and not self._is_v2_autoscaler():
+                # As DataConfig.configure does: Ray Data leaves the training workers' CPUs/GPUs alone.
+                options.exclude_resources = options.exclude_resources.add(
+                    ExecutionResources(cpu=self._num_train_cpus, gpu=self._num_train_gpus))
+            ds.context.execution_options = options
+            for rank, shard in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[rank][name] = shard
+        return output

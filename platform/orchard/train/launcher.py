@@ -82,10 +82,10 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
     it is called on the Ray Train controller), the latest epoch to ``progress_file``. A ``run_name`` seen
     before (under ``scaling.storage_path``) resumes from that run's latest checkpoint.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchard.train.feed import ingest_options, read_split
+    from orchard.train.feed import ShardConfig, read_split
     from orchard.train.worker import TEST_FILE, train_loop
 
     stamps = {"start": time.time()}
@@ -110,8 +110,8 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         datasets=datasets,
-        # val/test are read whole by every rank, which evaluates every world-th batch: exact counts, no dropped rows.
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
+        # train in equal shards (DDP step counts); val/test in disjoint whole blocks: every row evaluated once.
+        dataset_config=ShardConfig(equal=["train"], disjoint=["val", "test"]),
         run_config=RunConfig(
             name=run_name or f"{spec.name}-{spec.digest()}",
             storage_path=str(Path(spec.scaling.storage_path).resolve()),

@@ -70,19 +70,24 @@ def train_loop(config: dict[str, Any]) -> None:
     stopper = EarlyStopper(spec.train.early_stopping)
 
     start, history, best = _resume(model, optimizer, opts, stopper)
-    # A sharded forward is a collective: ranks with fewer rank-sliced eval batches forward a dummy row.
-    pad = torch.zeros(1, manifest["feature_dim"]) if spec.scaling.strategy == "fsdp" and world > 1 else None
+    # val/test shards are disjoint whole blocks, so ranks hold different batch counts (even none): they
+    # evaluate in lockstep, a rank out of batches forwarding a dummy row. An FSDP forward is a collective,
+    # and so is a DDP forward's buffer broadcast (its first after training).
+    pad = torch.zeros(1, manifest["feature_dim"]) if world > 1 else None
     train_rows = manifest["counts"]["train"]
     pin = device.type == "cuda"
     train_shard, val_ds = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    budget = cache_budget(device) if spec.train.cache == "auto" else 0
+    budget = _agreed(cache_budget(device) if spec.train.cache == "auto" else 0, device, world)
     bs = spec.train.batch_size
     # Every rank caches the same way: equal shards (streaming_split equal=True) keep DDP step counts equal.
     block_rng = np.random.default_rng(spec.train.seed + rank)  # a new block order every streamed epoch
     train_data = EpochCache(lambda: tensor_batches(train_shard, bs, label_dtype, pin=pin, rng=block_rng), device, bs,
                             True, budget, seed=spec.train.seed + rank)
-    val_data = EpochCache(lambda: tensor_batches(val_ds, bs * 4, label_dtype, (rank, world), pin), device, bs * 4,
-                          False, budget // 4)
+    # A rank that streams its val shard while another replays its cache would wait at the split's epoch
+    # barrier forever: cache only when the whole split fits, so every rank's (unequal) shard does.
+    val_budget = budget // 4 if manifest["counts"]["val"] * (manifest["feature_dim"] * 4 + 8) <= budget // 4 else 0
+    val_data = EpochCache(lambda: tensor_batches(val_ds, bs * 4, label_dtype, pin=pin), device, bs * 4,
+                          False, val_budget)
     for epoch in range(start, spec.train.epochs + 1):
         t0 = time.perf_counter()
         tr = train_epoch(model, train_data, optimizer, device, task, opts)
@@ -110,8 +115,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # The best epoch's weights (by the early-stopping metric, else the last) are the ones tested and logged.
     if best is not None:
         load_model_state(model, best)
-    te = evaluate(model, tensor_batches(ray.train.get_dataset_shard("test"), spec.train.batch_size * 4, label_dtype,
-                           (rank, world), pin),
+    te = evaluate(model, tensor_batches(ray.train.get_dataset_shard("test"), bs * 4, label_dtype, pin=pin),
                   device, task, opts, pad)
     test_metrics = te.as_metrics("test")
     confusion = te.confusion.tolist() if te.confusion is not None else None
@@ -119,6 +123,18 @@ def train_loop(config: dict[str, Any]) -> None:
     final = {"epoch": last, "history": history, "final": True, "stopper": stopper.state()}
     _report(test_metrics | {"epoch": last}, rank, model, optimizer, final, best,
             extra={TEST_FILE: {"metrics": test_metrics, "confusion": confusion, "best_epoch": stopper.best_epoch}})
+
+
+def _agreed(budget: int, device: torch.device, world: int) -> int:
+    """The smallest cache budget of all ranks (free GPU memory differs): every rank then caches, or streams,
+    the same shards, as the streaming splits' per-epoch barrier needs."""
+    if world == 1:
+        return budget
+    import torch.distributed as dist
+
+    t = torch.tensor([budget], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def _resume(model: nn.Module, optimizer, opts: LoopOptions, stopper: EarlyStopper):
