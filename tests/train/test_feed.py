@@ -76,26 +76,6 @@ def test_block_shuffle_window_bounds_what_is_held(monkeypatch):
     assert sorted(ids) == list(range(50)) and ids != list(range(50))
 
 
-def test_a_shuffled_feed_refuses_rank_slices():
-    from orchard.train.feed import tensor_batches
-
-    with pytest.raises(ValueError, match="same batch order on every rank"):
-        next(tensor_batches(None, BATCH, rank_slice=(0, 2), rng=np.random.default_rng(0)))
-
-
-@pytest.mark.slow
-def test_rank_slices_partition_the_batches(split_folder, ray_local):
-    from orchard.train.feed import read_split, tensor_batches
-
-    ds = read_split(str(split_folder), ROWS, DIM)
-    world = 3
-    per_rank = [list(tensor_batches(ds, BATCH, rank_slice=(r, world))) for r in range(world)]
-    seen = sorted(int(v) for b in per_rank for _, y in b for v in y)
-    assert seen == list(range(ROWS))
-    counts = [len(b) for b in per_rank]
-    assert max(counts) - min(counts) <= 1
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("materialize", [True, False])
 def test_blocks_come_in_file_order_on_every_read(split_folder, ray_local, materialize, monkeypatch):

@@ -24,9 +24,9 @@ SHUFFLE_WINDOW_BYTES = 256 << 20
 
 
 def tensor_batches(it, batch_size: int, label_dtype: torch.dtype = torch.int64,
-                   rank_slice: tuple[int, int] | None = None, pin: bool = False,
-                   rng: np.random.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches from a Ray Data iterator/dataset; ``rank_slice=(rank, world)`` keeps every world-th batch.
+                   pin: bool = False, rng: np.random.Generator | None = None
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches from a Ray Data iterator/dataset (a rank's own shard: see ``ShardConfig``).
 
     Whole blocks are taken as Ray Data stores them (``batch_size=None``): re-batching to a fixed row
     count would concatenate across block edges, a copy of every row. Batches are views into a block;
@@ -36,12 +36,9 @@ def tensor_batches(it, batch_size: int, label_dtype: torch.dtype = torch.int64,
     With ``rng`` the block order is shuffled (rows inside blocks were shuffled at prep time): a fresh
     order on every call, drawn from ``rng``, over windows of ``SHUFFLE_WINDOW_BYTES``.
     """
-    if rng is not None and rank_slice is not None:
-        raise ValueError("rank slices need the same batch order on every rank: shuffle each rank's own shard")
     blocks = it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1 if pin else 0)
     if rng is not None:
         blocks = _shuffled(blocks, rng, SHUFFLE_WINDOW_BYTES)
-    n = 0
     carry: tuple[torch.Tensor, torch.Tensor] | None = None
     for block in blocks:
         x, y = _as_tensors(block, label_dtype)
@@ -52,17 +49,14 @@ def tensor_batches(it, batch_size: int, label_dtype: torch.dtype = torch.int64,
             carry = (x_head, y_head)
             if len(y_head) < batch_size:
                 continue
-            if rank_slice is None or n % rank_slice[1] == rank_slice[0]:
-                yield _pinned(x_head, y_head, pin)
-            n, carry = n + 1, None
+            yield _pinned(x_head, y_head, pin)
+            carry = None
         full = len(y) - len(y) % batch_size
         for start in range(0, full, batch_size):
-            if rank_slice is None or n % rank_slice[1] == rank_slice[0]:
-                yield _pinned(x[start : start + batch_size], y[start : start + batch_size], pin)
-            n += 1
+            yield _pinned(x[start : start + batch_size], y[start : start + batch_size], pin)
         if full < len(y):
             carry = (x[full:], y[full:])
-    if carry is not None and (rank_slice is None or n % rank_slice[1] == rank_slice[0]):
+    if carry is not None:
         yield _pinned(*carry, pin)
 
 
