@@ -33,6 +33,10 @@ class SplitSpec(_Section):
     test: float = Field(0.15, gt=0, lt=1, description="Fraction of rows in the test split.")
     seed: int = Field(42, description="Seed of the deterministic split.")
     stratify: bool = Field(True, description="Keep each class's share equal across splits.")
+    column: str | None = Field(
+        None, description="Keep the source's own split: a column whose values are train/val/test (other values "
+        "are quarantined) replaces the hashed split and its fractions; not a feature. IDX folders name it "
+        "'split'.")
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitSpec:
@@ -78,8 +82,15 @@ class SparkSpec(_Section):
 class DataSpec(_Section):
     source: str = Field(
         "sklearn:digits",
-        description="sklearn:digits | sklearn:breast_cancer | path to a .csv file or a Parquet file/folder.",
+        description="sklearn:digits | sklearn:breast_cancer | path to a .csv[.gz] file or a Parquet "
+        "file/folder | images:FOLDER (one sub-folder of PNG/JPEG per class; needs image_shape) | "
+        "idx:IMAGES,LABELS (MNIST-style *-idx3-ubyte[.gz] + *-idx1-ubyte[.gz]) or idx:FOLDER (train-*/t10k-* "
+        "pairs, with a 'split' column) | npy:FEATURES.npy,LABELS.npy | npz:FILE.npz (keys x, y) or "
+        "npz:FILE.npz#XKEY,YKEY | package:PKG/REL/PATH (a file shipped inside an installed Python package). "
+        "Array sources are read into memory on the driver.",
     )
+    header: bool = Field(
+        True, description="CSV: the first line names the columns; false = no header, columns are c0, c1, ….")
     label: str = Field("label", description="Name of the label column (CSV/Parquet sources).")
     features: list[str] | None = Field(None, description="Feature columns; default: every other column.")
     categorical: list[str] = Field(
@@ -98,9 +109,21 @@ class DataSpec(_Section):
         "([C, H, W] -> [H, C*W]) or one feature per step."
     )
     split: SplitSpec = Field(default_factory=SplitSpec, description="Train/val/test split.")
+    sample: float | int | None = Field(
+        None, description="Keep a seeded sample (split.seed) right after reading: a fraction 0 < f <= 1 "
+        "(each row kept with that probability) or a row count >= 1; counts.input is the sampled count.")
     files_per_split: int = Field(2, ge=1, le=1024, description="Parquet files written per split.")
     output: str = Field(".orchard/data", description="Folder under which prepared datasets are kept.")
     spark: SparkSpec = Field(default_factory=SparkSpec, description="Spark session settings.")
+
+    @field_validator("sample")
+    @classmethod
+    def _sample_size(cls, v: float | int | None) -> float | int | None:
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError(f"a fraction must be in (0, 1], got {v:g}")
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"a row count must be >= 1, got {v}")
+        return v
 
 
 class ModelSpec(_Section):

@@ -16,7 +16,7 @@ from pyspark.sql.types import StringType
 
 from orchard.config import SpecError
 from orchard.data.manifest import GROUP_COL
-from orchard.data.readers import GROUP_RAW, category_col, feature_col
+from orchard.data.readers import GROUP_RAW, SPLIT_RAW, category_col, feature_col
 from orchard.data.source import Source
 
 # A label column with more distinct values than this is almost surely not a class label.
@@ -70,7 +70,7 @@ def parse(raw: DataFrame, source: Source, regression: bool = False, group: str |
     # A missing category is a value of its own (""), not a broken row.
     cats = [F.coalesce(F.trim(F.col(category_col(j))), F.lit("")).alias(category_col(j))
             for j in range(len(source.categorical))]
-    carried = [gid.alias(GROUP_RAW)] if group else []
+    carried = ([gid.alias(GROUP_RAW)] if group else []) + ([SPLIT_RAW] if SPLIT_RAW in raw.columns else [])
     return raw.select("_row", "_raw", *values, *cats, *carried, label.alias("_lab"), reason.alias("_reason"))
 
 
@@ -127,6 +127,7 @@ def indexed(parsed: DataFrame, tally: Tally, n_features: int, regression: bool =
     cats = [category_col(j) for j in range(n_categorical)]
     values = [value_col(i) for i in range(n_features)] + cats
     carried = [F.col(GROUP_RAW).alias(GROUP_COL)] if GROUP_RAW in parsed.columns else []
+    carried += [SPLIT_RAW] if SPLIT_RAW in parsed.columns else []  # data.split.column (split.assign)
     if regression:
         label = _as_double(F.col("_lab"))
     else:

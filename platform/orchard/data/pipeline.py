@@ -41,7 +41,10 @@ def run(
     regression = task_of(source, data) == "regression"
     hold: list[DataFrame] = []
     try:
-        parsed = clean.parse(readers.read(spark, source, hold, group), source, regression, group)
+        raw, sampled = _sampled(readers.read(spark, source, hold, group), data, hold)
+        if source.split_column is not None:
+            raw = split.predefined_problem(raw, source.split_column)
+        parsed = clean.parse(raw, source, regression, group)
         tally = clean.tally_regression(parsed) if regression else clean.tally(parsed, source, data.task == "auto")
         log.info(
             "%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes)
@@ -76,6 +79,8 @@ def run(
     # Distinct rows whose feature vector another row also has (with another label or partition value);
     # split.assign keeps each such vector in one split, so they are counted in the splits, not dropped.
     manifest["overlap"] = overlap
+    if sampled is not None:
+        manifest["sample"] = sampled
     if target is not None:
         manifest["target_stats"] = target
     if vocab:
@@ -88,6 +93,16 @@ def run(
     schema = split_schema(manifest["feature_dim"], regression, group is not None)
     manifest["schema"] = {f.name: str(f.type) for f in schema}
     return manifest
+
+
+def _sampled(raw: DataFrame, data: DataSpec, hold: list[DataFrame]) -> tuple[DataFrame, dict | None]:
+    """``raw`` after ``data.sample`` (cached: counted and read again), and what the manifest records of it."""
+    if data.sample is None:
+        return raw, None
+    before = raw.count()
+    kept = split.sample(raw, data.sample, data.split.seed).cache()
+    hold.append(kept)
+    return kept, {"sample": data.sample, "seed": data.split.seed, "source_rows": before}
 
 
 def _target_stats(train: DataFrame) -> dict[str, float]:

@@ -7,12 +7,15 @@ Columns of the raw frame:
     _f0.._fN  the feature values as read (strings for CSV), in ``source.features`` order
     _y        the label as read
     _g        the partition column as read (only when one is asked for: see ``orchard.data.groups``)
+    _s        the source's own split (only with ``data.split.column``: see ``orchard.data.split``)
 
 Row numbers come from the file position of each record, not from Spark's partitioning, so they are
 the same on any number of cores.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -28,14 +31,24 @@ _OPENS = r'^(?:(?:"(?:[^"]|"")*"|[^",]*),)*"(?:[^"]|"")*$'
 _CLOSES = r'^(?:[^"]|"")*"(?:,(?:"(?:[^"]|"")*"|[^",]*))*$'
 MAX_RECORD_LINES = 1000  # a field left open longer than this is a stray quote, not a multi-line value
 GROUP_RAW = "_g"
+SPLIT_RAW = "_s"
 
 
 def read(spark: SparkSession, source: Source, hold: list[DataFrame], group: str | None = None) -> DataFrame:
     """The raw frame. Frames cached on the way are appended to ``hold``: unpersist them when done."""
-    if source.kind == "sklearn":
+    if source.kind in ("sklearn", "images"):
         if group is not None:  # refused earlier by groups.with_group; a bug if reached
-            raise RuntimeError(f"sklearn sources have no partition column {group!r}")
+            raise RuntimeError(f"{source.kind} sources have no partition column {group!r}")
+        if source.kind == "images":
+            from orchard.data import images
+
+            # Cached: every later step would otherwise decode the images again.
+            frame = images.read(spark, Path(source.location), list(source.image), len(source.features)).cache()
+            hold.append(frame)
+            return frame
         return _read_sklearn(spark, source)
+    if source.kind == "arrays":
+        return _read_arrays(spark, source, group)
     if source.kind == "csv":
         return _read_csv(spark, source, hold, group)
     return _read_parquet(spark, source, hold, group)
@@ -71,10 +84,36 @@ def _read_sklearn(spark: SparkSession, source: Source) -> DataFrame:
     )
 
 
+def _read_arrays(spark: SparkSession, source: Source, group: str | None) -> DataFrame:
+    """IDX/npy/npz loaded with numpy on the driver, handed to Spark through Arrow (data that fits memory)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from orchard.data import arrays
+
+    x, y, splits = arrays.load(arrays.parse(source.location))
+    index = {name: i for i, name in enumerate(source.columns)}
+    n = len(x)
+    columns = {"_row": pa.array(np.arange(1, n + 1, dtype=np.int64)), "_raw": pa.nulls(n, pa.string()),
+               "_problem": pa.nulls(n, pa.string())}
+    for i, f in enumerate(source.features):
+        columns[feature_col(i)] = pa.array(np.ascontiguousarray(x[:, index[f]], dtype=np.float64))
+    columns["_y"] = pa.array(y.astype(np.int64) if y.dtype.kind in "iub" else y.astype(str))
+    table = pa.table(columns)
+    if source.split_column is not None and splits is not None:
+        table = table.append_column(SPLIT_RAW, pa.array(splits.astype(str)))
+    del x
+    return spark.createDataFrame(table)
+
+
 def _read_csv(spark: SparkSession, source: Source, hold: list[DataFrame], group: str | None) -> DataFrame:
     lines = _records(spark, _numbered(spark.read.text(source.location), hold))
-    # Line 0 is the header; blank lines carry no row (like Spark's own CSV reader) but keep numbering.
-    lines = lines.filter((F.col("_line") > 0) & (F.trim("value") != ""))
+    # Line 0 is the header (when there is one); blank lines carry no row (like Spark's own CSV reader) but
+    # keep numbering. Rows are numbered from 1 either way.
+    first = 0 if source.header else -1
+    lines = lines.filter((F.col("_line") > first) & (F.trim("value") != ""))
+    if not source.header:
+        lines = lines.withColumn("_line", F.col("_line") + 1)
     width = len(source.columns)
     schema = ", ".join(f"_c{i} STRING" for i in range(width)) + ", _corrupt_record STRING"
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt_record", "escape": '"'}
@@ -88,6 +127,7 @@ def _read_csv(spark: SparkSession, source: Source, hold: list[DataFrame], group:
         *[parsed[f"_c{index[c]}"].alias(category_col(j)) for j, c in enumerate(source.categorical)],
         parsed[f"_c{index[source.label]}"].alias("_y"),
         *([parsed[f"_c{index[group]}"].alias(GROUP_RAW)] if group else []),
+        *([parsed[f"_c{index[source.split_column]}"].alias(SPLIT_RAW)] if source.split_column else []),
     )
 
 
@@ -137,7 +177,8 @@ def _csv_problem(line: Column, width: int, corrupt: Column) -> Column:
 
 def _read_parquet(spark: SparkSession, source: Source, hold: list[DataFrame], group: str | None) -> DataFrame:
     records = _numbered(spark.read.parquet(source.location), hold)
-    kept = [*source.features, *source.categorical, source.label, *([group] if group else [])]
+    carried = [c for c in (group, source.split_column) if c]
+    kept = [*source.features, *source.categorical, source.label, *carried]
     return records.select(
         (F.col("_line") + 1).alias("_row"),
         F.to_json(F.struct(*[quoted(c) for c in kept])).alias("_raw"),
@@ -146,6 +187,7 @@ def _read_parquet(spark: SparkSession, source: Source, hold: list[DataFrame], gr
         *[quoted(c).cast("string").alias(category_col(j)) for j, c in enumerate(source.categorical)],
         quoted(source.label).alias("_y"),
         *([quoted(group).cast("string").alias(GROUP_RAW)] if group else []),
+        *([quoted(source.split_column).cast("string").alias(SPLIT_RAW)] if source.split_column else []),
     )
 
 

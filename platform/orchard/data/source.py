@@ -6,12 +6,19 @@ milliseconds and an unchanged prep is recognised without starting a JVM.
 ``data.source`` may be a URI: ``file://`` is a local path; ``s3a://``, ``s3://``, ``gs://`` and ``hdfs://``
 go to Spark as they are (a cluster reads them on its nodes), and only their header/schema is read here
 through pyarrow's filesystems.
+
+More forms: ``images:FOLDER`` (see ``orchard.data.images``), ``idx:``/``npy:``/``npz:`` arrays (see
+``orchard.data.arrays``) and ``package:PKG/REL/PATH``, a file shipped inside an installed Python package,
+found with importlib (no network).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import gzip
 import hashlib
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -20,6 +27,7 @@ from typing import Literal
 from urllib.parse import unquote, urlparse
 
 from orchard.config import DataSpec, SpecError
+from orchard.data import arrays, images
 from orchard.data.manifest import slug
 
 # Bump when the prep's output for the same input changes, so old folders are not reused.
@@ -33,7 +41,7 @@ REMOTE_SCHEMES = ("s3a", "s3", "s3n", "gs", "gcs", "hdfs", "abfs", "abfss")
 
 @dataclass(frozen=True)
 class Source:
-    kind: Literal["sklearn", "csv", "parquet"]
+    kind: Literal["sklearn", "csv", "parquet", "images", "arrays"]
     location: str  # the sklearn dataset name, the resolved file/folder path, or a remote URI as given
     slug: str
     columns: tuple[str, ...]  # every column the source has, in source order
@@ -41,35 +49,99 @@ class Source:
     label: str
     categorical: tuple[str, ...] = ()
     remote: bool = False  # location is a URI that only Spark (and pyarrow) can open
+    header: bool = True  # CSV: the first line names the columns
+    image: tuple[int, ...] | None = None  # the image shape the source implies (images, IDX), if any
+    split_column: str | None = None  # data.split.column: carried to the split step, never a feature
 
     def describe(self) -> str:
-        return f"sklearn:{self.location}" if self.kind == "sklearn" else self.location
+        if self.kind == "sklearn":
+            return f"sklearn:{self.location}"
+        return f"images:{self.location}" if self.kind == "images" else self.location
 
 
 def resolve(data: DataSpec) -> Source:
     """Find the source and its columns; refuse missing files/columns with a SpecError naming them."""
     not_numeric: dict[str, str] = {}
+    shape: tuple[int, ...] | None = None
     if data.source.startswith("sklearn:"):
         kind, location, columns = "sklearn", *_sklearn_columns(data.source, data.label)
+    elif data.source.startswith(images.PREFIX):
+        root = images.folder_of(data.source)
+        images.check(root, data.image_shape, data.source)
+        kind, location, shape = "images", str(root), tuple(data.image_shape)
+        columns = [*_pixel_columns(_size(data.image_shape)), data.label]
+    elif arrays.is_array_source(data.source):
+        found = arrays.parse(data.source)
+        _, sample = arrays.peek(found)
+        kind, location = "arrays", found.describe()
+        shape = tuple(arrays.default_image_shape(sample) or ()) or None
+        extra = [arrays.SPLIT_COLUMN] if found.splits else []
+        columns = [*_pixel_columns(_size(sample)), data.label, *extra]
     elif _scheme(data.source) in REMOTE_SCHEMES:
         kind = "csv" if data.source.lower().endswith(".csv") else "parquet"
         location = data.source
         columns, not_numeric = _remote_columns_of(kind, data.source)
     else:
-        path = _local_path(data.source)
+        path = _package_path(data.source) if data.source.startswith("package:") else _local_path(data.source)
         if not path.exists():
             raise SpecError(f"data.source: {data.source} does not exist")
-        if path.is_file() and path.suffix.lower() == ".csv":
-            kind, columns = "csv", _csv_header(path)
+        if path.is_file() and is_csv(path.name):
+            kind, columns = "csv", _csv_header(path, data.header)
         else:
             kind, (columns, not_numeric) = "parquet", _parquet_columns(path)
         location = str(path.resolve())
     categorical = _pick_categorical(data, columns, location, kind)
     numeric_only = {k: v for k, v in not_numeric.items() if k not in categorical}
     features = [c for c in _pick_features(data, columns, location, numeric_only, categorical) if c not in categorical]
-    name = slug(location if kind == "sklearn" else Path(location).stem)
-    return Source(kind, location, name, tuple(columns), tuple(features), data.label, tuple(categorical),
-                  remote=_scheme(location) in REMOTE_SCHEMES)
+    name = slug(location if kind == "sklearn" else _stem(location, kind))
+    source = Source(kind, location, name, tuple(columns), tuple(features), data.label, tuple(categorical),
+                    remote=_scheme(location) in REMOTE_SCHEMES, header=data.header, image=shape)
+    return _with_split_column(source, data)
+
+
+def is_csv(name: str) -> bool:
+    return name.lower().endswith((".csv", ".csv.gz"))
+
+
+def _stem(location: str, kind: str) -> str:
+    if kind == "arrays":
+        location = location.split(":", 1)[1].split(",", 1)[0].split("#", 1)[0]
+    name = Path(location).name
+    if kind == "csv":
+        return re.sub(r"(?i)\.csv(\.gz)?$", "", name)
+    return name if kind == "images" else Path(location).stem
+
+
+def _size(shape) -> int:
+    size = 1
+    for dim in shape:
+        size *= dim
+    return size
+
+
+def _pixel_columns(n: int) -> list[str]:
+    return [f"x{i}" for i in range(n)]
+
+
+def _with_split_column(source: Source, data: DataSpec) -> Source:
+    """Check ``data.split.column`` and take it out of the default features."""
+    column = data.split.column
+    if column is None:
+        return source
+    if source.kind in ("sklearn", "images"):
+        raise SpecError(f"data.split.column: {source.describe()} has no split column {column!r}")
+    if column not in source.columns:
+        raise SpecError(f"data.split.column: column {column!r} not found in {source.describe()} "
+                        f"(columns: {_short(list(source.columns))})")
+    if column == source.label or column in source.categorical:
+        raise SpecError(f"data.split.column: {column!r} is also the label or a categorical column")
+    if data.features is not None and column in data.features:
+        raise SpecError(f"data.split.column: {column!r} cannot also be a feature (data.features)")
+    features = tuple(f for f in source.features if f != column)
+    if not features and not source.categorical:
+        raise SpecError(f"data.features: {source.describe()} has no feature columns besides the label and "
+                        f"data.split.column ({column!r})")
+    return dataclasses.replace(source, features=features, split_column=column)
 
 
 def _pick_categorical(data: DataSpec, columns: list[str], where: str, kind: str) -> list[str]:
@@ -95,6 +167,10 @@ def content_hash(source: Source, data: DataSpec) -> str:
     elif source.remote:
         # Only the URI: a changed object under the same URI is not noticed (version your data paths).
         h.update(f"uri:{source.location}".encode())
+    elif source.kind == "arrays":
+        for file in arrays.parse(source.location).files:
+            h.update(file.name.encode())
+            _hash_file(h, file)
     else:
         root = Path(source.location)
         for file in _content_files(root):
@@ -112,8 +188,9 @@ def image_shape(source: Source, data: DataSpec) -> list[int] | None:
     shape = data.image_shape
     if shape is None:
         # The default only fits when every pixel column is kept.
-        keeps_all = data.features is None and source.kind == "sklearn"
-        return DEFAULT_IMAGE_SHAPES.get(source.location) if keeps_all else None
+        keeps_all = data.features is None and source.kind in ("sklearn", "arrays")
+        default = list(source.image) if source.image else DEFAULT_IMAGE_SHAPES.get(source.location)
+        return default if keeps_all and default and _size(default) == len(source.features) else None
     size = 1
     for dim in shape:
         size *= dim
@@ -147,10 +224,16 @@ def load_sklearn(dataset: str):
     return getattr(datasets, f"load_{dataset}")()
 
 
-def _csv_header(path: Path) -> list[str]:
+def _csv_header(path: Path, header: bool = True) -> list[str]:
     # utf-8-sig: a byte-order mark must not become part of the first column's name.
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        return _header_columns(fh, path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", newline="", encoding="utf-8-sig") as fh:
+        if header:
+            return _header_columns(fh, path)
+        first = next(csv.reader(fh), None)
+        if not first:
+            raise SpecError(f"data.source: {path} is empty")
+        return [f"c{i}" for i in range(len(first))]
 
 
 def _header_columns(lines, path) -> list[str]:
@@ -241,6 +324,22 @@ def _hash_file(h, path: Path) -> None:
 def _scheme(source: str) -> str:
     match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", source)
     return match.group(1).lower() if match else ""
+
+
+def _package_path(source: str) -> Path:
+    """``package:PKG/REL/PATH``: a file inside an installed package, found without importing it."""
+    rest = source.split(":", 1)[1].strip("/")
+    package, _, relative = rest.partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise SpecError(f"data.source: {source}: no installed package {package!r}")
+    for base in spec.submodule_search_locations:
+        if (Path(base) / relative).exists():
+            return Path(base) / relative
+    raise SpecError(f"data.source: {source}: package {package!r} has no file {relative!r}")
 
 
 def _local_path(source: str) -> Path:

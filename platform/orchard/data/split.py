@@ -11,6 +11,11 @@ round(n * train) + round(n * val), else to test. With one row per vector (the us
 A vector's split depends on its features, the other vectors of its stratum and the seed; no step
 depends on partitioning or arrival order, so the same input and seed give the same splits on any
 number of cores.
+
+With ``split.column`` the source's own assignment (train/val/test, read as ``_s``) replaces the hashed
+one and the fractions; duplicates are then dropped within a split only, so a benchmark's test set is
+kept as published (a vector in two splits is counted in ``overlap``). ``predefined_problem`` names the
+rows whose value is not a split (quarantined); ``sample`` keeps a seeded sample of the raw rows.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from pyspark.sql import functions as F
 from orchard.config import SplitSpec
 from orchard.data.clean import value_col
 from orchard.data.manifest import GROUP_COL
-from orchard.data.readers import category_col
+from orchard.data.readers import SPLIT_RAW, category_col
+
+SPLIT_VALUES = ("train", "val", "test")
 
 # Columns assign() adds for the prep's own bookkeeping (see shared()).
 SHARED = "_shared"  # the row's feature vector is shared with another distinct row
@@ -38,7 +45,8 @@ def assign(clean: DataFrame, split: SplitSpec, n_features: int, by_class: bool =
     keys = [value_col(i) for i in range(n_features)] + [category_col(j) for j in range(n_categorical)]
     # The same record at two sites is two clients' data, not a duplicate: the partition column is content.
     grouped = [GROUP_COL] if GROUP_COL in clean.columns else []
-    content = [*keys, "label", *grouped]
+    predefined = [SPLIT_RAW] if split.column is not None else []
+    content = [*keys, "label", *grouped, *predefined]
     distinct = clean.dropDuplicates(content)
     vector = Window.partitionBy(*keys)
     # A regression target has no classes to stratify by: its rows are one stratum.
@@ -58,9 +66,33 @@ def assign(clean: DataFrame, split: SplitSpec, n_features: int, by_class: bool =
     size = F.col("_size")
     n_train, n_val = _rounded(size * split.train), _rounded(size * split.val)
     which = F.when(before < n_train, "train").when(before < n_train + n_val, "val").otherwise("test")
+    if predefined:
+        which = F.col(SPLIT_RAW)
     order = _hash(split.seed, [F.lit("shuffle"), *(F.col(c) for c in content)])
     return rows.select(*content, which.alias("split"), order.alias("_order"), "_rank",
                        (F.col("_n") > 1).alias(SHARED), F.col(CONFLICT))
+
+
+def predefined_problem(raw: DataFrame, column: str) -> DataFrame:
+    """``raw`` with ``_s`` trimmed and lower-cased, and rows whose ``_s`` is no split given a ``_problem``."""
+    value = F.lower(F.trim(F.col(SPLIT_RAW).cast("string")))
+    bad = F.when(value.isNull() | ~value.isin(*SPLIT_VALUES),
+                 F.concat(F.lit(f"value in split column '{column}' is not train/val/test: "),
+                          F.coalesce(F.col(SPLIT_RAW).cast("string"), F.lit("(empty)"))))
+    return raw.withColumn("_problem", F.coalesce(F.col("_problem"), bad)).withColumn(SPLIT_RAW, value)
+
+
+def sample(raw: DataFrame, size: float | int, seed: int) -> DataFrame:
+    """A seeded sample of the raw rows, chosen by a hash of the row number (not by partitioning).
+
+    A fraction keeps each row whose hash falls below it (about ``size * n`` rows); a count keeps the
+    ``size`` rows of smallest hash.
+    """
+    key = _hash(seed, [F.lit("sample"), F.col("_row")])
+    if isinstance(size, float):
+        unit = F.pmod(key, F.lit(1 << 52)).cast("double") / float(1 << 52)
+        return raw.filter(unit < F.lit(size))
+    return raw.withColumn("_sample", key).orderBy("_sample", "_row").limit(size).drop("_sample")
 
 
 def shared(rows: DataFrame) -> dict[str, int]:
