@@ -11,11 +11,12 @@ on partitioning.
 from __future__ import annotations
 
 from pathlib import Path
-
-from pyspark.sql import DataFrame, SparkSession, Window
-from pyspark.sql import functions as F
+from typing import TYPE_CHECKING
 
 from orchard.config import SpecError
+
+if TYPE_CHECKING:  # the resolver imports this module without Spark; read() imports it when it runs
+    from pyspark.sql import DataFrame, SparkSession
 
 PREFIX = "images:"
 EXTENSIONS = ("png", "jpg", "jpeg")
@@ -42,6 +43,9 @@ def check(root: Path, shape: list[int] | None, source: str) -> list[str]:
 
 def read(spark: SparkSession, root: Path, shape: list[int], n_features: int) -> DataFrame:
     """Raw frame: ``_row`` (by path), ``_raw`` (the file's path), ``_problem``, ``_f*`` pixels, ``_y`` (class)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
     from orchard.data.readers import feature_col
 
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
