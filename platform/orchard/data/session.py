@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -166,6 +167,18 @@ def _conf(spec: SparkSpec, level: str) -> SparkConf:
     return conf
 
 
+def _worker_python(spec: SparkSpec) -> str:
+    """The interpreter of Spark's Python workers (Arrow UDFs such as image decoding).
+
+    pyspark reads it from $PYSPARK_PYTHON when the context starts, else runs whatever ``python3`` is on PATH,
+    which may lack pyarrow (a venv that is not activated). A cluster whose workers keep Python elsewhere
+    sets ``spark.pyspark.python`` in ``data.spark.conf``.
+    """
+    python = spec.conf.get("spark.pyspark.python") or os.environ.get("PYSPARK_PYTHON") or sys.executable
+    os.environ["PYSPARK_PYTHON"] = python
+    return python
+
+
 def _base_conf(spec: SparkSpec, level: str) -> SparkConf:
     return (
         SparkConf()
@@ -177,6 +190,7 @@ def _base_conf(spec: SparkSpec, level: str) -> SparkConf:
         .set("spark.sql.shuffle.partitions", str(spec.shuffle_partitions))
         .set("spark.sql.session.timeZone", "UTC")
         .set("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .set("spark.pyspark.python", _worker_python(spec))
         # Spark reads this when it launches the driver JVM (client mode), before any log line.
         .set("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{_log4j_file(level)}")
     )
