@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,5 +55,47 @@ def spread_text(r: dict[str, Any]) -> str:
     return f"{fmt(lo)}–{fmt(hi)} (n={r.get('repeats')})"
 
 
+class PeakRSS:
+    """Peak resident memory of a process (this one by default) and all its descendants, sampled every 0.1 s.
+
+    Descendants include Spark's JVM and Python workers, Ray's raylet and workers.
+    """
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for p in tree:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self._sample())
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 BENCHES = {"train": "orchard.bench.train:run", "train-gpu": "orchard.bench.gpu:run",
-           "federated": "orchard.bench.federated:run"}
+           "federated": "orchard.bench.federated:run", "prep": "orchard.bench.prep:run"}

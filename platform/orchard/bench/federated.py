@@ -10,15 +10,13 @@ resident set of the process tree (Ray's workers included), sampled every 100 ms.
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from torch import nn
 
-from orchard.bench import Result
+from orchard.bench import PeakRSS, Result
 from orchard.bench.synthetic import write_classification
 from orchard.config import JobSpec
 from orchard.models import build_model
@@ -38,45 +36,13 @@ def _spec() -> JobSpec:
     })
 
 
-class _PeakRSS:
-    """Peak resident memory of this process and all its descendants (Ray's raylet and workers)."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            self.peak = max(self.peak, self._sample())
-
-    def __enter__(self) -> _PeakRSS:
-        self.peak = self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _simulated(spec: JobSpec, prepared) -> tuple[float, float, float, float]:
     """(updates/min after round 1, start-up + round 1 seconds, peak MiB, final accuracy)."""
     from orchard.federated import run_federated
 
     ends: dict[int, float] = {}
     t0 = time.perf_counter()
-    with _PeakRSS() as mem:
+    with PeakRSS() as mem:
         # No MLflow run: nothing is tracked or checkpointed, so every bench starts from round 1.
         res = run_federated(spec, prepared, None, on_round=lambda row: ends.setdefault(row["round"], time.perf_counter()))
     rate = CLIENTS * (ROUNDS - 1) / (ends[ROUNDS] - ends[1]) * 60
@@ -94,7 +60,7 @@ def _plain(spec: JobSpec, prepared) -> tuple[float, float, float]:
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     loss_fn = nn.CrossEntropyLoss()
     ends = []
-    with _PeakRSS() as mem:
+    with PeakRSS() as mem:
         for _ in range(ROUNDS):
             total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in global_state.items()}
             for x, y in data:

@@ -8,20 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from orchard.config import SpecError
-from orchard.data.readers import category_col
 
 MAX_VOCABULARY = 100_000
 
 
 def fit(train: DataFrame, names: tuple[str, ...]) -> list[tuple[str, list[str]]]:
-    """(column name, sorted distinct training values) per categorical column, in one Spark job."""
+    """(column name, sorted distinct training values) per categorical column (``_k``), in one Spark job."""
     if not names:
         return []
-    aggs = [F.array_sort(F.slice(F.collect_set(category_col(j)), 1, MAX_VOCABULARY + 1)).alias(f"v{j}")
+    aggs = [F.array_sort(F.slice(F.collect_set(F.col("_k")[j]), 1, MAX_VOCABULARY + 1)).alias(f"v{j}")
             for j in range(len(names))]
     row = train.agg(*aggs).first()
     vocab = []
@@ -31,17 +30,6 @@ def fit(train: DataFrame, names: tuple[str, ...]) -> list[tuple[str, list[str]]]
             raise SpecError(f"data.categorical: column {name!r} has over {MAX_VOCABULARY} distinct values")
         vocab.append((name, values))
     return vocab
-
-
-def encode(vocab: list[tuple[str, list[str]]]) -> list[Column]:
-    cols = []
-    for j, (_, values) in enumerate(vocab):
-        if not values:
-            cols.append(F.lit(0.0))
-            continue
-        pairs = [F.lit(x) for i, v in enumerate(values, 1) for x in (v, i)]
-        cols.append(F.coalesce(F.create_map(*pairs)[F.col(category_col(j))], F.lit(0)).cast("double"))
-    return cols
 
 
 def describe(vocab: list[tuple[str, list[str]]], first_position: int) -> list[dict[str, Any]]:

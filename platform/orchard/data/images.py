@@ -41,12 +41,10 @@ def check(root: Path, shape: list[int] | None, source: str) -> list[str]:
     return classes
 
 
-def read(spark: SparkSession, root: Path, shape: list[int], n_features: int) -> DataFrame:
-    """Raw frame: ``_row`` (by path), ``_raw`` (the file's path), ``_problem``, ``_f*`` pixels, ``_y`` (class)."""
+def read(spark: SparkSession, root: Path, shape: list[int]) -> DataFrame:
+    """Raw frame: ``_row`` (by path), ``_line`` (the file's path), ``_problem``, ``_fv`` pixels, ``_y`` (class)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
-
-    from orchard.data.readers import feature_col
 
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
              .option("pathGlobFilter", _GLOB).load(str(root)))
@@ -54,13 +52,8 @@ def read(spark: SparkSession, root: Path, shape: list[int], n_features: int) -> 
     decoded = files.select("path", "content").mapInArrow(
         decode, "path string, label string, problem string, pixels array<float>")
     numbered = decoded.select("*", F.row_number().over(Window.orderBy("path")).cast("long").alias("_row"))
-    return numbered.select(
-        "_row",
-        F.col("path").alias("_raw"),
-        F.col("problem").alias("_problem"),
-        *[F.col("pixels")[i].cast("double").alias(feature_col(i)) for i in range(n_features)],
-        F.col("label").alias("_y"),
-    )
+    return numbered.select("_row", F.col("path").alias("_line"), F.col("problem").alias("_problem"),
+                           F.col("pixels").alias("_fv"), F.col("label").alias("_y"))
 
 
 def _decoder(root: str, shape: list[int]):

@@ -2,45 +2,40 @@
 
 Stats are stored as computed (a constant feature has std 0 / range 0); when applied, a zero scale
 counts as 1 so such a feature becomes 0 (standard) or stays shifted to 0 (minmax) instead of NaN.
+The fit is one streaming aggregate over the feature vectors (Spark ML's ``Summarizer``: one
+expression whatever the width); applying them is vectorized numpy in ``rowparse.Scaler``.
 """
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame
-from pyspark.sql import functions as F
+import math
+
+from pyspark.sql import DataFrame
 
 from orchard.config import SpecError
-from orchard.data.clean import value_col
+
+EMPTY_TRAIN = "data.split: the training split is empty; there are too few clean rows for this split"
 
 
-def fit(train: DataFrame, method: str, n_features: int) -> dict[str, list[float]]:
-    """Per-feature statistics of ``train`` in one aggregate: {"mean","std"}, {"min","max"} or {}."""
+def fit(train: DataFrame | None, method: str, n_features: int) -> dict[str, list[float]]:
+    """Per-feature statistics of ``train``'s ``_v``: {"mean","std"} (population), {"min","max"} or {}."""
+    if train is None:
+        raise SpecError(EMPTY_TRAIN)
     if method == "none":
         return {}
     first, second = ("mean", "std") if method == "standard" else ("min", "max")
-    agg_first, agg_second = (F.avg, F.stddev_pop) if method == "standard" else (F.min, F.max)
-    cols = [value_col(i) for i in range(n_features)]
-    row = train.agg(*[agg_first(c) for c in cols], *[agg_second(c) for c in cols]).first()
-    values = list(row)
-    if values[0] is None:
-        raise SpecError(
-            "data.split: the training split is empty; there are too few clean rows for this split"
-        )
-    return {first: [float(v) for v in values[:n_features]], second: [float(v) for v in values[n_features:]]}
+    if n_features == 0:
+        return {first: [], second: []}
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.ml.stat import Summarizer
 
-
-def apply(method: str, stats: dict[str, list[float]], n_features: int) -> list[Column]:
-    """The scaled value of each feature, as float32 columns."""
-    cols = []
-    for i in range(n_features):
-        x = F.col(value_col(i))
-        if method == "standard":
-            x = (x - stats["mean"][i]) / _nonzero(stats["std"][i])
-        elif method == "minmax":
-            x = (x - stats["min"][i]) / _nonzero(stats["max"][i] - stats["min"][i])
-        cols.append(x.cast("float"))
-    return cols
-
-
-def _nonzero(scale: float) -> float:
-    return scale if scale != 0 else 1.0
+    metrics = ("mean", "variance", "count") if method == "standard" else ("min", "max", "count")
+    got = train.select(Summarizer.metrics(*metrics).summary(array_to_vector("_v")).alias("s")).first()["s"]
+    n = int(got["count"])
+    if n == 0:
+        raise SpecError(EMPTY_TRAIN)
+    if method == "standard":
+        # Summarizer's variance is the sample variance; the stats are population ones (like numpy's std).
+        spread = [math.sqrt(max(v, 0.0) * (n - 1) / n) for v in got["variance"].toArray()]
+        return {"mean": [float(v) for v in got["mean"].toArray()], "std": spread}
+    return {"min": [float(v) for v in got["min"].toArray()], "max": [float(v) for v in got["max"].toArray()]}

@@ -1,12 +1,21 @@
-"""The Spark steps of a prep, in order: read → clean → split → fit stats → write → finish.
+"""The Spark steps of a prep, in order: read → parse → tally → split → fit stats → write → finish.
 
-Spark jobs, in order: number the source's rows (CSV/Parquet), count rows and labels, count the
-distinct rows and those sharing a feature vector (caching them), fit stats on train, write the splits, write the quarantine.
+Spark jobs, in order (nothing of the input is cached; what later steps re-read is staged as Parquet
+under ``tmp/_spark`` and dropped once used):
+  1. number the source's rows (CSV: block sizes and multi-line marks; Parquet: rows per file)
+  2. parse every row in Arrow batches and stage them, clean and quarantined apart (one pass over the input)
+  3. tally labels and quarantine (two small aggregates over staged columns)
+  4. group the clean rows by feature vector (one shuffle), count rows per (stratum, hash bucket),
+     stage the distinct rows with their split
+  5. fit the stats on the training split (one streaming aggregate), the vocabularies, the target stats
+  6. write each split in seeded order, scaled; a streaming pyarrow pass fixes types and names
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,8 +24,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from orchard.config import DataSpec
-from orchard.data import categories, clean, normalize, readers, split
-from orchard.data.manifest import FEATURES_COL, GROUP_COL, LABEL_COL, SPLITS
+from orchard.data import categories, clean, normalize, readers, rowparse, split
+from orchard.data.manifest import SPLITS
 from orchard.data.source import Source, task_of
 from orchard.data.write import (
     QUARANTINE,
@@ -28,6 +37,8 @@ from orchard.data.write import (
 )
 
 log = logging.getLogger("orchard.data")
+PARSED = ("_row long, _reason string, _raw string, _v array<double>, _k array<string>, _lab string, "
+          "_g string, _s string, _ok boolean")
 
 
 def run(
@@ -39,34 +50,38 @@ def run(
     """
     d = len(source.features)
     regression = task_of(source, data) == "regression"
-    hold: list[DataFrame] = []
-    try:
-        raw, sampled = _sampled(readers.read(spark, source, hold, group), data, hold)
-        if source.split_column is not None:
-            raw = split.predefined_problem(raw, source.split_column)
-        parsed = clean.parse(raw, source, regression, group)
-        tally = clean.tally_regression(parsed) if regression else clean.tally(parsed, source, data.task == "auto")
-        log.info(
-            "%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes)
-        )
-        c = len(source.categorical)
-        rows = split.assign(clean.indexed(parsed, tally, d, regression, c), data.split, d, not regression, c).cache()
-        hold.append(rows)
-        overlap = split.shared(rows)
-        distinct = overlap.pop("rows")
-        if overlap["conflicting_labels"]:
-            log.warning("%d rows share their features with a row of another label; each such group is "
-                        "kept whole in one split", overlap["conflicting_labels"])
-        train = rows.filter(F.col("split") == "train")
-        stats = normalize.fit(train, data.normalize, d)
-        target = _target_stats(train) if regression else None
-        vocab = categories.fit(train, source.categorical)
-        sizes = _write_splits(rows, data, stats, tmp, d, regression, categories.encode(vocab), group is not None)
-        if tally.quarantined:
-            _write_quarantine(parsed, tmp, tally.quarantined)
-    finally:
-        for frame in hold:
-            frame.unpersist()
+    stage = tmp / SPARK_DIR
+    step = _Steps()
+    raw, sampled = _sampled(readers.read(spark, source, group), data)
+    step("number rows")
+    parsed = _stage_parsed(spark, readers.parse(raw, source, regression, group), stage / "parsed")
+    step("parse")
+    good, bad = parsed.filter(F.col("_ok")), parsed.filter(~F.col("_ok"))
+    tally = clean.tally(good, bad, source, regression, data.task == "auto")
+    log.info("%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes))
+    step("tally")
+    assigned = split.assign(spark, clean.indexed(good, tally, regression), data.split, not regression, stage,
+                            len(tally.classes))
+    shutil.rmtree(stage / "vectors", ignore_errors=True)
+    step("dedupe and split")
+    overlap = assigned.overlap
+    if overlap["conflicting_labels"]:
+        log.warning("%d rows share their features with a row of another label; each such group is "
+                    "kept whole in one split", overlap["conflicting_labels"])
+    train = assigned.split(spark, "train")
+    stats = normalize.fit(train, data.normalize, d)
+    target = _target_stats(train) if regression else None
+    vocab = categories.fit(train, source.categorical)
+    step("fit stats")
+    scaler = rowparse.Scaler(data.normalize, _stat_pair(stats), tuple(tuple(v) for _, v in vocab), regression,
+                             group is not None)
+    width = d + len(vocab)
+    sizes = {s: _write_split(spark, assigned, s, scaler, data.files_per_split, stage, tmp, width)
+             for s in SPLITS}
+    step("write splits")
+    if tally.quarantined:
+        _write_quarantine(bad, tmp, tally.quarantined, stage)
+    distinct = assigned.rows
     counts = {
         "input": tally.input,
         "quarantined": tally.quarantined,
@@ -85,23 +100,40 @@ def run(
         manifest["target_stats"] = target
     if vocab:
         manifest["features"] = [*source.features, *source.categorical]
-        manifest["feature_dim"] = d + len(vocab)
+        manifest["feature_dim"] = width
         manifest["categorical"] = categories.describe(vocab, d)
     if group is not None:
-        manifest["partition_column"] = {"source": group, "column": GROUP_COL,
+        manifest["partition_column"] = {"source": group, "column": "group",
                                         "distinct": {s: distinct_groups(tmp / s) for s in SPLITS}}
     schema = split_schema(manifest["feature_dim"], regression, group is not None)
     manifest["schema"] = {f.name: str(f.type) for f in schema}
     return manifest
 
 
-def _sampled(raw: DataFrame, data: DataSpec, hold: list[DataFrame]) -> tuple[DataFrame, dict | None]:
-    """``raw`` after ``data.sample`` (cached: counted and read again), and what the manifest records of it."""
+class _Steps:
+    """Logs how long each step took (the engine log says where a slow prep spends its time)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        log.info("prep step %s: %.1f s", name, now - self.last)
+        self.last = now
+
+
+def _stage_parsed(spark: SparkSession, parsed: DataFrame, path: Path) -> DataFrame:
+    """Write the parsed rows once (clean and quarantined in their own folders); later steps read this."""
+    parsed.withColumn("_ok", F.col("_reason").isNull()).write.partitionBy("_ok").parquet(str(path))
+    return spark.read.schema(PARSED).parquet(str(path))
+
+
+def _sampled(raw: DataFrame, data: DataSpec) -> tuple[DataFrame, dict | None]:
+    """``raw`` after ``data.sample``, and what the manifest records of it."""
     if data.sample is None:
         return raw, None
     before = raw.count()
-    kept = split.sample(raw, data.sample, data.split.seed).cache()
-    hold.append(kept)
+    kept = split.sample(raw, data.sample, data.split.seed)
     return kept, {"sample": data.sample, "seed": data.split.seed, "source_rows": before}
 
 
@@ -111,25 +143,30 @@ def _target_stats(train: DataFrame) -> dict[str, float]:
     return {"mean": float(row["mean"]), "std": float(row["std"]) or 1.0}
 
 
-def _write_splits(rows: DataFrame, data: DataSpec, stats: dict, tmp: Path, d: int, regression: bool,
-                  codes: list, grouped: bool = False) -> dict[str, int]:
-    # Category indices ride at the end of the float feature vector (exact below 2**24), so every
-    # consumer keeps one tensor column; the model splits them off for its embeddings.
-    features = F.array(*normalize.apply(data.normalize, stats, d), *codes).alias(FEATURES_COL)
-    d += len(codes)
-    staged = tmp / SPARK_DIR / "splits"
-    # One Spark job for all three splits; the pyarrow pass then fixes types, order and file count.
-    carried = [GROUP_COL] if grouped else []
-    rows.select(features, LABEL_COL, *carried, "split", "_order", "_rank").write.partitionBy("split").parquet(
-        str(staged)
-    )
-    return {s: finish_split(staged / f"split={s}", tmp / s, d, data.files_per_split, regression, grouped)
-            for s in SPLITS}
+def _stat_pair(stats: dict[str, list[float]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if not stats:
+        return (), ()
+    first, second = ("mean", "std") if "mean" in stats else ("min", "max")
+    return tuple(stats[first]), tuple(stats[second])
 
 
-def _write_quarantine(parsed: DataFrame, tmp: Path, expected: int) -> None:
-    staged = tmp / SPARK_DIR / QUARANTINE
-    bad = parsed.filter(F.col("_reason").isNotNull())
+def _write_split(spark: SparkSession, assigned: split.Assigned, name: str, scaler: rowparse.Scaler, files: int,
+                 stage: Path, tmp: Path, width: int) -> int:
+    rows = assigned.split(spark, name)
+    staged = stage / "splits" / name
+    if rows is not None:
+        # A range partition per output file, each sorted: the files read in name order give the seeded
+        # shuffle order whatever Spark's partitioning. Category indices ride at the end of the float
+        # vector (exact below 2**24), so every consumer keeps one tensor column.
+        out = "features array<float>, label " + ("double" if scaler.regression else "bigint")
+        out += ", group string" if scaler.grouped else ""
+        (rows.repartitionByRange(files, "_order", "_tie").sortWithinPartitions("_order", "_tie")
+         .mapInArrow(scaler, out).write.parquet(str(staged)))
+    return finish_split(staged, tmp / name, width, scaler.regression, scaler.grouped)
+
+
+def _write_quarantine(bad: DataFrame, tmp: Path, expected: int, stage: Path) -> None:
+    staged = stage / QUARANTINE
     columns = [F.col("_row").alias("row"), F.col("_reason").alias("reason"), F.col("_raw").alias("raw")]
     # Quarantine is expected to be small: one task, one file.
     bad.select(*columns).coalesce(1).write.parquet(str(staged))

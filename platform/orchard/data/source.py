@@ -31,7 +31,7 @@ from orchard.data import arrays, images
 from orchard.data.manifest import slug
 
 # Bump when the prep's output for the same input changes, so old folders are not reused.
-PREP_VERSION = "orchard-data/2"  # 2: splits by feature vector (split.py)
+PREP_VERSION = "orchard-data/3"  # 2: splits by feature vector; 3: vector hash over one array column
 SKLEARN_DATASETS = ("digits", "breast_cancer", "diabetes")
 SKLEARN_TASKS = {"diabetes": "regression"}
 DEFAULT_IMAGE_SHAPES = {"digits": [1, 8, 8]}

@@ -1,7 +1,8 @@
 """Deduplicate, then split deterministically by feature vector: rows that share features share a split.
 
 Rows are grouped by feature vector (numeric and categorical features; not the label, not the partition
-column): every row of one vector lands in the same split, so a vector seen with two labels, or the
+column) in one shuffle: one row per vector holds its distinct rows (label, partition value). Every row
+of one vector lands in the same split, so a vector seen with two labels, or the
 same record at two sites, never sits in train and test at once (a model would be scored on rows it
 trained on). Each vector gets ``xxhash64(seed, features)``; within a stratum (the vector's smallest
 label when stratified, else all rows) vectors are ranked by that hash and a vector goes to train
@@ -12,6 +13,11 @@ A vector's split depends on its features, the other vectors of its stratum and t
 depends on partitioning or arrival order, so the same input and seed give the same splits on any
 number of cores.
 
+Ranking a stratum does not sort it: the top bits of the hash put each vector in one of a few thousand
+buckets, one small aggregate counts the rows per (stratum, bucket), and the driver finds the buckets
+whose rows all fall before, between or after the split points. Only the (at most two per stratum)
+buckets that a split point cuts are ranked exactly, by a window over their few rows.
+
 With ``split.column`` the source's own assignment (train/val/test, read as ``_s``) replaces the hashed
 one and the fractions; duplicates are then dropped within a split only, so a benchmark's test set is
 kept as published (a vector in two splits is counted in ``overlap``). ``predefined_problem`` names the
@@ -20,66 +26,119 @@ rows whose value is not a split (quarantined); ``sample`` keeps a seeded sample 
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame, Window
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from orchard.config import SplitSpec
-from orchard.data.clean import value_col
-from orchard.data.manifest import GROUP_COL
-from orchard.data.readers import SPLIT_RAW, category_col
 
 SPLIT_VALUES = ("train", "val", "test")
-
-# Columns assign() adds for the prep's own bookkeeping (see shared()).
-SHARED = "_shared"  # the row's feature vector is shared with another distinct row
-CONFLICT = "_conflict"  # ... and that vector carries more than one label
+MAX_BUCKET_ROWS = 200_000  # (stratum, bucket) pairs the driver plans over: bounds its memory
 
 
-def assign(clean: DataFrame, split: SplitSpec, n_features: int, by_class: bool = True,
-           n_categorical: int = 0) -> DataFrame:
-    """Distinct rows with ``split`` (train/val/test), a seeded shuffle key ``_order`` and ``_shared``/``_conflict``.
+@dataclass(frozen=True)
+class Assigned:
+    """The distinct rows with their split, written once as Parquet partitioned by split."""
 
-    ``_rank`` (the row's rank within its stratum) breaks ``_order`` ties, so (``_order``, ``label``,
-    ``_rank``) orders rows totally.
+    path: Path
+    rows: int  # distinct rows in all splits
+    overlap: dict[str, int]
+
+    def split(self, spark: SparkSession, name: str) -> DataFrame | None:
+        """One split's rows (``_v``, ``_k``, ``label``, ``_g``, ``_order``, ``_tie``), or None if it has none."""
+        folder = self.path / f"split={name}"
+        return spark.read.parquet(str(folder)) if folder.is_dir() else None
+
+
+def assign(spark: SparkSession, clean: DataFrame, split: SplitSpec, by_class: bool, stage: Path,
+           classes: int = 1) -> Assigned:
+    """Group ``clean`` (``_v``, ``_k``, ``label``, ``_g``, ``_s``) by vector, give each distinct row its split.
+
+    Writes the vectors (one shuffle) under ``stage/vectors`` and the distinct rows with ``split``,
+    a seeded shuffle key ``_order`` and a tie-break ``_tie`` under ``stage/assigned``.
     """
-    keys = [value_col(i) for i in range(n_features)] + [category_col(j) for j in range(n_categorical)]
-    # The same record at two sites is two clients' data, not a duplicate: the partition column is content.
-    grouped = [GROUP_COL] if GROUP_COL in clean.columns else []
-    predefined = [SPLIT_RAW] if split.column is not None else []
-    content = [*keys, "label", *grouped, *predefined]
-    distinct = clean.dropDuplicates(content)
-    vector = Window.partitionBy(*keys)
+    member = F.struct(F.col("label"), F.col("_g"), F.col("_s"))
+    vectors = clean.groupBy("_v", "_k").agg(F.array_sort(F.collect_set(member)).alias("members"))
+    n = F.size("members")
+    labels = F.col("members.label")
     # A regression target has no classes to stratify by: its rows are one stratum.
-    stratum = F.min("label").over(vector) if split.stratify and by_class else F.lit(0)
-    key = _hash(split.seed, [F.col(k) for k in keys])
-    with_stratum = distinct.select(*content, stratum.alias("_stratum"), key.alias("_key"),
-                                   F.count(F.lit(1)).over(vector).alias("_n"),
-                                   (F.min("label").over(vector) != F.max("label").over(vector)).alias(CONFLICT))
-    # The features after the hash break hash ties, so one vector's rows are adjacent and the order is
-    # total (label and partition column order rows inside a vector); never arrival order.
-    ranked = Window.partitionBy("_stratum").orderBy("_key", *keys, "label", *grouped)
-    rank = F.row_number().over(ranked) - 1
-    rows = with_stratum.select("*", rank.alias("_rank"),
-                               F.count(F.lit(1)).over(Window.partitionBy("_stratum")).alias("_size"))
-    # Rows of the stratum ranked before this vector's first row.
-    before = F.min("_rank").over(vector)
-    size = F.col("_size")
-    n_train, n_val = _rounded(size * split.train), _rounded(size * split.val)
-    which = F.when(before < n_train, "train").when(before < n_train + n_val, "val").otherwise("test")
-    if predefined:
-        which = F.col(SPLIT_RAW)
-    order = _hash(split.seed, [F.lit("shuffle"), *(F.col(c) for c in content)])
-    return rows.select(*content, which.alias("split"), order.alias("_order"), "_rank",
-                       (F.col("_n") > 1).alias(SHARED), F.col(CONFLICT))
+    stratified = split.stratify and by_class and split.column is None
+    stratum = F.array_min(labels) if stratified else F.lit(0).cast("long")
+    key = _hash(split.seed, [F.col("_v"), F.col("_k")])
+    vectors.select("_v", "_k", "members", n.alias("_n"), stratum.alias("_stratum"), key.alias("_key"),
+                   (F.array_min(labels) != F.array_max(labels)).alias("_conflict")
+                   ).write.parquet(str(stage / "vectors"))
+    vectors = spark.read.parquet(str(stage / "vectors"))
+    bits = _bucket_bits(classes if stratified else 1)  # a stratum is a class (the vector's smallest label)
+    bucket = F.shiftright("_key", 64 - bits)
+    counted = vectors.groupBy("_stratum", bucket.alias("_bucket")).agg(
+        F.sum("_n").alias("rows"), F.sum(F.when(F.col("_n") > 1, F.col("_n"))).alias("shared"),
+        F.sum(F.when(F.col("_conflict"), F.col("_n"))).alias("conflict")).collect()
+    overlap = {"shared_features": sum(int(c["shared"] or 0) for c in counted),
+               "conflicting_labels": sum(int(c["conflict"] or 0) for c in counted)}
+    total = sum(int(c["rows"]) for c in counted)
+    rows = vectors.select("*", F.explode("members").alias("m"))
+    if split.column is not None:
+        which = F.col("m._s")
+    else:
+        plan = spark.createDataFrame(_plan(counted, split), "_stratum LONG, _bucket LONG, _prefix LONG, "
+                                     "_decided STRING, _train LONG, _val LONG")
+        which = _which(vectors.withColumn("_bucket", bucket).join(F.broadcast(plan), ["_stratum", "_bucket"]))
+        rows = which.select("*", F.explode("members").alias("m"))
+        which = F.col("_split")
+    content = [F.col("_v"), F.col("_k"), F.col("m.label"), F.col("m._g"), F.col("m._s")]
+    rows.select("_v", "_k", F.col("m.label").alias("label"), F.col("m._g").alias("_g"),
+                _hash(split.seed, [F.lit("shuffle"), *content]).alias("_order"),
+                _hash(split.seed + 1, [F.lit("shuffle"), *content]).alias("_tie"),
+                which.alias("split")).write.partitionBy("split").parquet(str(stage / "assigned"))
+    return Assigned(stage / "assigned", total, overlap)
 
 
-def predefined_problem(raw: DataFrame, column: str) -> DataFrame:
-    """``raw`` with ``_s`` trimmed and lower-cased, and rows whose ``_s`` is no split given a ``_problem``."""
-    value = F.lower(F.trim(F.col(SPLIT_RAW).cast("string")))
-    bad = F.when(value.isNull() | ~value.isin(*SPLIT_VALUES),
-                 F.concat(F.lit(f"value in split column '{column}' is not train/val/test: "),
-                          F.coalesce(F.col(SPLIT_RAW).cast("string"), F.lit("(empty)"))))
-    return raw.withColumn("_problem", F.coalesce(F.col("_problem"), bad)).withColumn(SPLIT_RAW, value)
+def _which(vectors: DataFrame) -> DataFrame:
+    """``vectors`` joined with their bucket's plan, with ``_split``: decided per bucket, or ranked exactly."""
+    cut = F.col("_decided").isNull()
+    # Rows of the stratum before this vector: the bucket's prefix plus the rows of earlier vectors in it.
+    earlier = Window.partitionBy("_stratum", "_bucket").orderBy("_key", "_v", "_k").rowsBetween(
+        Window.unboundedPreceding, -1)
+    before = F.col("_prefix") + F.coalesce(F.sum("_n").over(earlier), F.lit(0))
+    ranked = vectors.filter(cut).withColumn(
+        "_split", F.when(before < F.col("_train"), "train").when(before < F.col("_train") + F.col("_val"), "val")
+        .otherwise("test"))
+    decided = vectors.filter(~cut).withColumn("_split", F.col("_decided"))
+    return decided.unionByName(ranked)
+
+
+def _plan(counted: list, split: SplitSpec) -> list[tuple]:
+    """Per (stratum, bucket): rows before it in its stratum, and its split when all its rows share one."""
+    by_stratum: dict[int, list] = {}
+    for c in counted:
+        by_stratum.setdefault(int(c["_stratum"]), []).append((int(c["_bucket"]), int(c["rows"])))
+    plan = []
+    for stratum, buckets in by_stratum.items():
+        size = sum(r for _, r in buckets)
+        n_train = math.floor(size * split.train + 0.5)  # half-up: every split within one row of its share
+        n_val = math.floor(size * split.val + 0.5)
+        prefix = 0
+        for b, r in sorted(buckets):
+            # A vector goes to train while fewer than n_train rows come before it, then to val.
+            first, last = prefix, prefix + r - 1  # the smallest and largest "rows before" in the bucket
+            decided = None
+            if last < n_train:
+                decided = "train"
+            elif first >= n_train and last < n_train + n_val:
+                decided = "val"
+            elif first >= n_train + n_val:
+                decided = "test"
+            plan.append((stratum, b, prefix, decided, n_train, n_val))
+            prefix += r
+    return plan
+
+
+def _bucket_bits(strata: int) -> int:
+    return max(4, min(12, int(math.log2(max(1, MAX_BUCKET_ROWS // max(1, strata))))))
 
 
 def sample(raw: DataFrame, size: float | int, seed: int) -> DataFrame:
@@ -95,18 +154,5 @@ def sample(raw: DataFrame, size: float | int, seed: int) -> DataFrame:
     return raw.withColumn("_sample", key).orderBy("_sample", "_row").limit(size).drop("_sample")
 
 
-def shared(rows: DataFrame) -> dict[str, int]:
-    """Distinct rows in all, and how many share their feature vector (with another label: ``conflicting_labels``)."""
-    got = rows.agg(F.count(F.lit(1)).alias("n"), F.count(F.when(F.col(SHARED), 1)).alias("shared"),
-                   F.count(F.when(F.col(CONFLICT), 1)).alias("conflict")).first()
-    return {"rows": int(got["n"]), "shared_features": int(got["shared"]),
-            "conflicting_labels": int(got["conflict"])}
-
-
 def _hash(seed: int, cols: list[Column]) -> Column:
     return F.xxhash64(F.lit(seed).cast("long"), *cols)
-
-
-def _rounded(x: Column) -> Column:
-    # Half-up rounding per stratum keeps every split within one row of its target share.
-    return F.floor(x + F.lit(0.5))

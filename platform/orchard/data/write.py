@@ -1,7 +1,8 @@
 """Output: Spark writes plain Parquet to a staging folder, a pyarrow pass turns it into the contract.
 
-Spark writes arrays as variable-length LIST; the contract is one ``fixed_size_list<float32>[D]``
-column (the layout Ray Data feeds fastest), rows shuffled by seed, and a fixed number of files.
+Spark writes each split already shuffled by seed, one file per range of the shuffle key; Spark writes
+arrays as variable-length LIST, and the contract is one ``fixed_size_list<float32>[D]`` column (the
+layout Ray Data feeds fastest), so a streaming pyarrow pass rewrites each file's batches.
 Everything lands in a temporary folder beside the target that is renamed into place when complete,
 so a reader never sees half a dataset and a failed prep leaves nothing behind. A prep killed outright
 (SIGKILL, power loss) leaves only a staging folder whose owner lock nobody holds; ``sweep`` removes it.
@@ -36,6 +37,7 @@ log = logging.getLogger("orchard.data")
 SPARK_DIR = "_spark"  # Spark's own output inside the staging folder; removed before publishing
 OWNER = ".owner"  # in a staging folder: flock-ed by the process writing it, with its pid
 QUARANTINE = "quarantine"
+ROW_GROUP_ROWS = 65_536  # rows per Parquet row group of a written split
 QUARANTINE_SCHEMA = pa.schema([("row", pa.int64()), ("reason", pa.string()), ("raw", pa.string())])
 
 
@@ -57,19 +59,34 @@ def contract_table(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = Non
     return pa.table(columns)
 
 
-def finish_split(staged: Path, out: Path, feature_dim: int, files: int, regression: bool = False,
-                 grouped: bool = False) -> int:
-    """Rewrite Spark's output for one split into ``files`` shuffled, fixed-width Parquet files."""
+def finish_split(staged: Path, out: Path, feature_dim: int, regression: bool = False, grouped: bool = False) -> int:
+    """Rewrite Spark's files for one split (in shuffle order, one per range partition) into the contract.
+
+    File by file and batch by batch, so memory stays bounded whatever the split's size.
+    """
     schema = split_schema(feature_dim, regression, grouped)
-    if staged.is_dir():
-        table = ds.dataset(str(staged), format="parquet").to_table()
-        # The shuffle key is content-derived, so this order is the same however Spark partitioned.
-        table = table.sort_by([("_order", "ascending"), (LABEL_COL, "ascending"), ("_rank", "ascending")])
-        table = pa.table([table[f.name].cast(f.type) for f in schema], schema=schema)
-    else:  # Spark writes no folder for a split without rows (e.g. val = 0)
-        table = schema.empty_table()
-    write_parts(table, out, files)
-    return table.num_rows
+    files = sorted(staged.glob("part-*.parquet")) if staged.is_dir() else []
+    out.mkdir(parents=True)
+    written = rows = 0
+    for f in files:
+        source = pq.ParquetFile(f)
+        if source.metadata.num_rows == 0:
+            continue
+        with pq.ParquetWriter(out / f"part-{written:05d}.parquet", schema) as sink:
+            for batch in source.iter_batches(batch_size=ROW_GROUP_ROWS):
+                sink.write_batch(_contract_batch(batch, schema, feature_dim))
+                rows += batch.num_rows
+        written += 1
+    if not written:  # an empty split still carries its schema
+        pq.write_table(schema.empty_table(), out / "part-00000.parquet")
+    return rows
+
+
+def _contract_batch(batch: pa.RecordBatch, schema: pa.Schema, feature_dim: int) -> pa.RecordBatch:
+    features = pc.list_flatten(batch.column(FEATURES_COL)).cast(pa.float32())
+    columns = [pa.FixedSizeListArray.from_arrays(features, feature_dim)]
+    columns += [batch.column(f.name).cast(f.type) for f in list(schema)[1:]]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 def distinct_groups(folder: Path) -> int:
