@@ -7,12 +7,14 @@ with certificates and keys from ``orchard.federated.certs``; each SuperNode sees
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -81,18 +83,19 @@ def flwr(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Co
                           timeout=timeout)
 
 
-@pytest.fixture
-def deployment(tmp_path):
+@contextlib.contextmanager
+def _deployment(tmp_path: Path, clients: int = 2, federated: dict | None = None, database: bool = False):
     from orchard.federated.app import export_node_data
     from orchard.federated.certs import make_all
 
-    secrets = make_all(tmp_path / "secrets", clients=3)  # client_2 is never registered
+    secrets = make_all(tmp_path / "secrets", clients=clients + 1)  # the last key is never registered
     prepared = load_manifest(write_digits(tmp_path / "data"))
     spec_path = tmp_path / "fed.yaml"
     spec_path.write_text(yaml.safe_dump({
         "name": "fed-deploy", "kind": "federated", "model": {"family": "mlp", "hidden": [64]},
         "train": {"batch_size": 32, "lr": 3e-3},
-        "federated": {"clients": 2, "rounds": 2, "partition": "iid", "local_epochs": 2}}))
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False},
+        "federated": {"clients": clients, "rounds": 2, "partition": "iid", "local_epochs": 2, **(federated or {})}}))
     nodes = export_node_data(prepared, load_spec(spec_path), tmp_path / "nodes")
 
     port = free_port()
@@ -104,15 +107,30 @@ def deployment(tmp_path):
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{secrets / "certs" / "ca.crt"}"\n')
     procs = Processes(tmp_path)
+    link_argv = services.superlink(str(secrets / "certs"), f"127.0.0.1:{port}",
+                                   database=str(tmp_path / "superlink.db") if database else None)
+    d = {"tmp": tmp_path, "secrets": secrets, "port": port, "env": env, "procs": procs, "nodes": nodes,
+         "prepared": prepared, "spec": spec_path, "cli_env": {**env, "FLWR_HOME": str(cli_home)},
+         "link_argv": link_argv}
     try:
-        link, link_log = procs.start("superlink", services.superlink(str(secrets / "certs"), f"127.0.0.1:{port}"), env)
-        wait_for(lambda: listening(port) or link.poll() is not None, "SuperLink port", link_log)
-        assert link.poll() is None, link_log.read_text()[-3000:]
-        yield {"tmp": tmp_path, "secrets": secrets, "port": port, "env": env, "procs": procs, "nodes": nodes,
-               "prepared": prepared, "spec": spec_path, "cli_env": {**env, "FLWR_HOME": str(cli_home)},
-               "link_log": link_log}
+        start_superlink(d)
+        yield d
     finally:
         procs.stop_all()
+
+
+def start_superlink(d: dict, name: str = "superlink") -> subprocess.Popen:
+    link, d["link_log"] = d["procs"].start(name, d["link_argv"], d["env"])
+    wait_for(lambda: listening(d["port"]) or link.poll() is not None, "SuperLink port", d["link_log"])
+    assert link.poll() is None, d["link_log"].read_text()[-3000:]
+    d["link"] = link
+    return link
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    with _deployment(tmp_path) as d:
+        yield d
 
 
 def start_supernode(d: dict, i: int, key_index: int | None = None) -> tuple[subprocess.Popen, Path]:
@@ -188,3 +206,76 @@ def test_certs_are_in_the_formats_flower_reads_and_a_rerun_keeps_them(tmp_path):
     make_all(out, clients=2)  # a restart that wants one more SuperNode
     after = {p.name: p.read_bytes() for p in (out / "certs").iterdir()} | {"k0": (out / "keys" / "client_0").read_bytes()}
     assert after == before and (out / "keys" / "client_1.pub").is_file()
+
+
+def _submit(d: dict, checkpoints: Path, round_timeout_s: float) -> subprocess.Popen:
+    cfg = (f'spec="{d["spec"]}" data-dir="{d["prepared"].path}" write-partitions=true connect-timeout-s=90.0 '
+           f'round-timeout-s={round_timeout_s} checkpoint-dir="{checkpoints}" tracking=true')
+    log = open(d["tmp"] / f"flwr-run-{len(list(d['tmp'].glob('flwr-run-*')))}.log", "w+b")
+    return subprocess.Popen([str(BIN / "flwr"), "run", ".", CONNECTION, "--stream", "-c", cfg], cwd=REPO,
+                            env=d["cli_env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _checkpointed(checkpoints: Path, rnd: int) -> bool:
+    return (checkpoints / f"round-{rnd:05d}" / "state.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_restarted_superlink_and_a_killed_supernode_still_finish_all_rounds_in_one_mlflow_run(tmp_path):
+    """3 SuperNodes, 3 rounds. After round 1 the SuperLink is SIGKILLed (its ServerApp dies with it) and
+    restarted on its state database: the SuperNodes reconnect and the resubmitted run resumes from the round-1
+    checkpoint into the same MLflow run. Mid-round 3 one SuperNode is SIGKILLed: round 3 aggregates the two
+    survivors once the round timeout passes, and the federation finishes."""
+    from mlflow.tracking import MlflowClient
+
+    round_timeout_s, rounds = 30.0, 3
+    checkpoints = tmp_path / "checkpoints"
+    with _deployment(tmp_path, clients=3, database=True,
+                     federated={"rounds": rounds, "min_available_clients": 2}) as d:
+        for i in range(3):
+            reg = flwr("supernode", "register", str(d["secrets"] / "keys" / f"client_{i}.pub"), CONNECTION,
+                       env=d["cli_env"], timeout=60)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+        nodes = [start_supernode(d, i) for i in range(3)]
+        wait_for(lambda: len(online_nodes(d)) == 3, "3 online SuperNodes", d["link_log"], timeout_s=60)
+
+        first = _submit(d, checkpoints, round_timeout_s)
+        wait_for(lambda: _checkpointed(checkpoints, 1) or first.poll() is not None, "round 1", d["link_log"], 180)
+        assert not _checkpointed(checkpoints, 2)
+        d["link"].kill()  # SIGKILL: no graceful shutdown of the SuperLink
+        d["link"].wait(10)
+        first.wait(60)  # `flwr run --stream` loses its SuperLink and exits
+        start_superlink(d, "superlink-restarted")
+        wait_for(lambda: len(online_nodes(d)) == 3, "3 SuperNodes back online", d["link_log"], timeout_s=90)
+
+        second = _submit(d, checkpoints, round_timeout_s)
+        wait_for(lambda: _checkpointed(checkpoints, 2) or second.poll() is not None, "round 2", d["link_log"], 180)
+        killed = nodes[2][0]
+        killed.kill()  # SIGKILL one SuperNode as round 3's instructions go out
+        killed_at = time.monotonic()
+        second.wait(180)
+        round3_s = time.monotonic() - killed_at
+        out = (tmp_path / "flwr-run-1.log").read_text()
+        assert second.returncode == 0, out[-4000:]
+        assert re.findall(r"orchard round (\d+): ", out) == ["2", "3"], out[-4000:]
+        assert "orchard resumes after round 1" in out
+        for proc, log in nodes[:2]:
+            assert proc.poll() is None, log.read_text()[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
+               for k in ("fed/accuracy", "fed/clients", "fed/failed", "fed/resumed_from")}
+    assert sorted(history["fed/accuracy"]) == [1, 2, 3]  # every round's metrics, each logged once
+    assert history["fed/clients"] == {1: 3.0, 2: 3.0, 3: 2.0}
+    assert history["fed/failed"] == {1: 0.0, 2: 0.0, 3: 1.0}
+    assert history["fed/resumed_from"] == {1: 1.0}
+    # The dead node is given up once the round timeout passes (Flower's heartbeat would take ~60 s more).
+    assert round3_s < round_timeout_s + 30, round3_s
+    print(f"deployment faults: {len(history['fed/accuracy'])}/{rounds} rounds, clients per round "
+          f"{history['fed/clients']}, round 3 ended {round3_s:.1f} s after the kill, final accuracy "
+          f"{history['fed/accuracy'][3]:.4f}")
+    assert history["fed/accuracy"][3] >= 0.8
