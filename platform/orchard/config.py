@@ -301,8 +301,10 @@ class FaultSpec(_Section):
 
 
 class AttackSpec(_Section):
-    kind: Literal["none", "sign_flip", "scale", "gaussian", "label_flip"] = Field(
-        "none", description="What malicious clients send.")
+    kind: Literal["none", "sign_flip", "scale", "gaussian", "label_flip", "extra_arrays", "missing_arrays",
+                  "inflate_examples"] = Field(
+        "none", description="What malicious clients send (extra_arrays/missing_arrays: a malformed ArrayRecord; "
+                            "inflate_examples: num-examples = 10**9).")
     fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of clients that are malicious (fixed ids).")
     scale: float = Field(10.0, description="sign_flip/scale: factor applied to the malicious update.")
     noise_std: float = Field(1.0, ge=0, description="gaussian: stddev of the noise sent as an update.")

@@ -95,3 +95,147 @@ def test_sign_flip_attackers_ruin_fedavg_but_not_fedmedian(digits_prepared, tmp_
     print("accuracy under attack", acc)
     assert acc["fedmedian"] >= 0.8
     assert acc["fedavg"] < acc["fedmedian"] - 0.3
+
+
+# --- replies a server must not trust: inflated num-examples, forged client ids, malformed ArrayRecords ------
+
+def _client_replies(spec, prepared, clients, node_of=lambda c: 100 + c):
+    """Real train replies from ``local_train`` (the ClientApp's body) on real partitions; no Ray.
+
+    The server's Message carries a destination node id; the reply's ``src_node_id`` is that node, as Flower sets it.
+    """
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.common import MessageType
+
+    from orchard.federated.client import local_train
+    from orchard.federated.partitions import write_partitions
+    from orchard.models import build_model
+
+    parts = write_partitions(prepared, spec.federated)
+    torch.manual_seed(0)
+    global_sd = build_model(spec, prepared.manifest).state_dict()
+    config = ConfigRecord({"lr": 1e-2, "local-epochs": 1, "server-round": 1})
+    replies = []
+    for c in clients:
+        sent = Message(RecordDict({"arrays": ArrayRecord(global_sd), "config": config}), dst_node_id=node_of(c),
+                       message_type=MessageType.TRAIN)
+        context = Context(run_id=1, node_id=node_of(c), node_config={"partition-id": c}, state=RecordDict(),
+                          run_config={})
+        replies.append(local_train(spec, prepared.manifest, parts.folder, sent, context))
+    return parts.counts, global_sd, replies
+
+
+def _guard(spec, global_sd, counts):
+    from flwr.app import ArrayRecord
+
+    from orchard.federated.strategies import GuardedStrategy, ReplyCheck, build_strategy
+
+    return GuardedStrategy(build_strategy(spec), ReplyCheck(ArrayRecord(global_sd), counts), 1)
+
+
+def _weighted_mean(replies, weights):
+    sds = [r.content["arrays"].to_torch_state_dict() for r in replies]
+    total = sum(weights)
+    return {k: sum(sd[k].double() * w for sd, w in zip(sds, weights, strict=True)) / total for k in sds[0]}
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_client_claiming_1e9_examples_weighs_only_its_nodes_real_partition(digits_prepared):
+    spec = _spec(partition="dirichlet", alpha=0.5, attack={"kind": "inflate_examples", "fraction": 0.25, "seed": 1})
+    (liar,) = malicious_clients(spec)
+    counts, global_sd, replies = _client_replies(spec, digits_prepared, range(4))
+    assert len(set(counts)) == 4, counts  # unequal real partitions
+    assert replies[liar].content["metrics"]["num-examples"] == 10**9
+    honest = [counts[c] for c in range(4)]
+    uncapped = _weighted_mean(replies, [10**9 if c == liar else counts[c] for c in range(4)])
+    expected = _weighted_mean(replies, honest)
+
+    guard = _guard(spec, global_sd, counts)
+    arrays, _ = guard.aggregate_train(1, replies)
+    got = arrays.to_torch_state_dict()
+    for k in got:
+        assert torch.allclose(got[k].double(), expected[k], atol=1e-5), k
+    assert any(not torch.allclose(expected[k], uncapped[k], atol=1e-3) for k in got)  # the cap mattered
+    row = next(c for c in guard.rounds[1].clients if c["client"] == liar)
+    assert row["status"] == "ok" and row["num_examples"] == counts[liar] and "capped" in row["reason"]
+    assert guard.rounds[1].metrics()["fed/capped"] == 1 and guard.rounds[1].metrics()["fed/clients"] == 4
+    share_before, share_after = 10**9 / (10**9 + sum(counts) - counts[liar]), counts[liar] / sum(counts)
+    print(f"liar client {liar}: weight share {share_before:.6f} claimed -> {share_after:.4f} capped "
+          f"(partitions {counts})")
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_forged_client_id_does_not_raise_the_cap_which_follows_flowers_node_id(digits_prepared):
+    from flwr.app import ConfigRecord
+
+    spec = _spec(partition="dirichlet", alpha=0.5)
+    counts, global_sd, replies = _client_replies(spec, digits_prepared, range(4))
+    big, small = max(range(4), key=counts.__getitem__), min(range(4), key=counts.__getitem__)
+
+    def forge(reply, as_client):
+        reply.content["orchard"] = ConfigRecord({"client-id": as_client})
+        reply.content["metrics"]["num-examples"] = 10**9
+
+    # The honest holder of the largest partition answers first: the forger, naming it, gets the smallest.
+    forge(replies[small], big)
+    guard = _guard(spec, global_sd, counts)
+    arrays, _ = guard.aggregate_train(1, [replies[big], *[r for c, r in enumerate(replies) if c != big]])
+    rows = {c["node"]: c for c in guard.rounds[1].clients}
+    assert rows[100 + small]["num_examples"] == min(counts) and rows[100 + big]["num_examples"] == counts[big]
+    assert rows[100 + small]["client"] == -1  # bound to no partition
+    expected = _weighted_mean(replies, [counts[c] for c in range(4)])  # small's own size is the smallest
+    assert all(torch.allclose(torch.from_numpy(arrays[k].numpy()).double(), expected[k], atol=1e-5) for k in expected)
+    # The forger answering first takes the largest partition's cap; the honest holder then gets the smallest.
+    _, _, race = _client_replies(spec, digits_prepared, range(4))
+    forge(race[small], big)
+    first = _guard(spec, global_sd, counts)
+    first.aggregate_train(1, [race[small], *[r for c, r in enumerate(race) if c != small]])
+    got = {c["node"]: c["num_examples"] for c in first.rounds[1].clients}
+    assert got[100 + small] == counts[big] and got[100 + big] == min(counts)
+
+    # A node bound in round 1 cannot move its cap later by naming another client.
+    _, _, again = _client_replies(spec, digits_prepared, range(4))
+    forge(again[small], big)
+    guard.aggregate_train(2, again)
+    assert {c["node"]: c["num_examples"] for c in guard.rounds[2].clients}[100 + small] == min(counts)
+    honest = _guard(spec, global_sd, counts)
+    honest.aggregate_train(1, _client_replies(spec, digits_prepared, range(4))[2])
+    _, _, later = _client_replies(spec, digits_prepared, range(4))
+    forge(later[small], big)
+    honest.aggregate_train(2, later)
+    assert {c["node"]: c["num_examples"] for c in honest.rounds[2].clients}[100 + small] == counts[small]
+    assert honest.rounds[2].capped == 1
+
+
+@pytest.mark.usefixtures("server_identity")
+@pytest.mark.parametrize("kind", ["extra_arrays", "missing_arrays"])
+def test_replies_with_extra_or_missing_arrays_are_rejected_and_the_rest_aggregated(digits_prepared, kind):
+    spec = _spec(attack={"kind": kind, "fraction": 0.25, "seed": 1})
+    (bad,) = malicious_clients(spec)
+    counts, global_sd, replies = _client_replies(spec, digits_prepared, range(4))
+    sent = set(replies[bad].content["arrays"])
+    assert (len(sent) > len(global_sd)) if kind == "extra_arrays" else (len(sent) < len(global_sd))
+    guard = _guard(spec, global_sd, counts)
+    arrays, _ = guard.aggregate_train(1, replies)
+    log = guard.rounds[1]
+    assert log.rejected == 1 and log.metrics()["fed/clients"] == 3
+    (row,) = [c for c in log.clients if c["status"] == "rejected"]
+    assert row["client"] == bad and "array keys differ" in row["reason"]
+    assert ("extra ['orchard.extra']" in row["reason"]) == (kind == "extra_arrays")
+    expected = _weighted_mean([r for c, r in enumerate(replies) if c != bad], [counts[c] for c in range(4) if c != bad])
+    assert all(torch.allclose(torch.from_numpy(arrays[k].numpy()).double(), expected[k], atol=1e-5) for k in expected)
+
+
+@pytest.mark.slow
+def test_a_real_federation_rejects_a_client_missing_arrays_and_completes(digits_prepared, tmp_path):
+    from orchard.federated import run_federated
+
+    spec = _spec(clients=3, rounds=1, local_epochs=1, attack={"kind": "missing_arrays", "fraction": 0.3, "seed": 1})
+    (bad,) = malicious_clients(spec)
+    res = run_federated(spec, digits_prepared, None, log_path=tmp_path / "engine.log")
+    assert [h["round"] for h in res.history] == [1]
+    assert all(h["fed/rejected"] == 1 and h["fed/clients"] == 2 and not h["fed/skipped"] for h in res.history)
+    rejected = [c for c in res.clients if c["status"] == "rejected"]
+    assert {c["client"] for c in rejected} == {bad} and all("array keys differ" in c["reason"] for c in rejected)
+    assert res.test["test/accuracy"] >= 0.7  # the two honest clients still trained the model
+    assert "rejected the reply of client" in (tmp_path / "engine.log").read_text()

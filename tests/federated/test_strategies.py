@@ -96,12 +96,15 @@ def test_bad_replies_are_rejected_counted_and_the_rest_aggregated():
     arrays, _ = guard.aggregate_train(1, _replies(global_sd, 8, edit=spoil))
     log = guard.rounds[1]
     reasons = {c["client"]: c["reason"] for c in log.clients if c["status"] == "rejected"}
-    assert sorted(reasons) == [0, 1, 2, 3, 4]
-    assert "NaN" in reasons[0] and "shape" in reasons[1] and "num-examples" in reasons[2]
+    assert sorted(reasons) == [0, 1, 3, 4]
+    assert "NaN" in reasons[0] and "shape" in reasons[1]
     assert "metric keys" in reasons[3] and "ArrayRecord" in reasons[4]
-    assert log.metrics()["fed/rejected"] == 5 and log.metrics()["fed/clients"] == 3
-    # The mean of clients 5, 6, 7 alone (equal weights): shifts 0.1 * (6, 7, 8) / 8.
-    expected = global_sd[key] + 0.1 * 7 / 8
+    assert log.metrics()["fed/rejected"] == 4 and log.metrics()["fed/clients"] == 4
+    # Client 2 claimed 10,000 rows of a 10-row partition: kept, its weight capped to 10.
+    (capped,) = [c for c in log.clients if c["client"] == 2]
+    assert capped["num_examples"] == 10 and "capped" in capped["reason"] and log.metrics()["fed/capped"] == 1
+    # The mean of clients 2, 5, 6, 7 (equal weights): shifts 0.1 * (3, 6, 7, 8) / 8.
+    expected = global_sd[key] + 0.1 * 6 / 8
     assert torch.allclose(arrays.to_torch_state_dict()[key], expected, atol=1e-6)
 
 

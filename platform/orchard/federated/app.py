@@ -9,7 +9,11 @@ run config (``[tool.flwr.app.config]``, override with ``flwr run -c 'key=value'`
     ``overrides``: spec overrides, space separated (``"federated.rounds=2 federated.clients=4"``);
     ``data-dir``: the prepared folder (``orchard prep SPEC`` prints it); empty = derived from the spec;
     ``write-partitions``: the ServerApp writes the client partitions first (simulation);
-    ``connect-timeout-s``, ``round-timeout-s``.
+    ``connect-timeout-s``, ``round-timeout-s``;
+    ``checkpoint-dir``: round checkpoints go there, and a run submitted again with the same folder (after a
+    SuperLink restart ended the first) continues after its last round; empty = none;
+    ``tracking``: log the rounds to an MLflow run (the spec's ``tracking.uri``); with ``checkpoint-dir`` the
+    run's id is kept in that folder, so a resumed federation logs into the same run.
 node config (``flower-supernode --node-config``)
     ``partition-id`` (set by Flower in simulation); ``data-dir``: a folder holding this node's
     ``manifest.json`` and ``client-<partition-id>.parquet`` (``export_node_data`` writes one per node).
@@ -76,24 +80,72 @@ def _log_round(row: dict) -> None:
     log(INFO, "orchard round %d: %s", row["round"], figures)
 
 
+RUN_ID_FILE = "mlflow-run-id"
+
+
+def _job_run(spec: JobSpec, ck_dir: Path | None):
+    """The federation's MLflow run: the one whose id ``ck_dir`` keeps (a resubmitted run), else a new one."""
+    from orchard.tracking import JobRun
+
+    kept = ck_dir / RUN_ID_FILE if ck_dir is not None else None
+    if kept is not None and kept.is_file():
+        job = JobRun(spec, resume_run_id=kept.read_text().strip())
+        log(INFO, "orchard logs into MLflow run %s (resumed)", job.run_id)
+        return job
+    job = JobRun(spec)
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(job.run_id)
+    log(INFO, "orchard logs into MLflow run %s", job.run_id)
+    return job
+
+
+def _round_logger(job):
+    if job is None:
+        return _log_round
+
+    def on_round(row: dict) -> None:
+        _log_round(row)
+        job.logger.log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
+
+    return on_round
+
+
 serverapp = ServerApp()
 
 
 @serverapp.main()
 def server_main(grid: Grid, context: Context) -> None:
+    from orchard.federated.checkpoint import load_latest
     from orchard.federated.server import Federation, run_server
 
     cfg = context.run_config
     spec = spec_from(cfg)
     prepared = prepared_from(spec, cfg)
+    counts: list[int] = []
     if cfg.get("write-partitions", True):
         parts = write_partitions(prepared, spec.federated)
+        counts = list(parts.counts)
         log(INFO, "orchard partitions: %s (rows per client %s)", parts.folder, parts.counts)
     x, y = read_split(prepared, "test")
-    federation = Federation()
-    run_server(grid, spec, prepared.manifest, (torch.from_numpy(x), torch.from_numpy(y)), federation, _log_round,
-               round_timeout_s=float(cfg.get("round-timeout-s", 600.0)),
-               connect_timeout_s=float(cfg.get("connect-timeout-s", 120.0)))
+    ck_dir = Path(str(cfg.get("checkpoint-dir", ""))).expanduser() if cfg.get("checkpoint-dir") else None
+    federation = Federation(partition_counts=counts, checkpoint_dir=ck_dir,
+                            resume=load_latest(ck_dir) if ck_dir is not None else None)
+    if federation.resume is not None:
+        log(INFO, "orchard resumes after round %d (checkpoint in %s)", federation.resume.round, ck_dir)
+    job = _job_run(spec, ck_dir) if cfg.get("tracking", False) else None
+    if job is not None and federation.resume is not None:
+        job.logger.log_metrics({"fed/resumed_from": float(federation.resume.round)}, step=federation.resume.round)
+    try:
+        run_server(grid, spec, prepared.manifest, (torch.from_numpy(x), torch.from_numpy(y)), federation,
+                   _round_logger(job), round_timeout_s=float(cfg.get("round-timeout-s", 600.0)),
+                   connect_timeout_s=float(cfg.get("connect-timeout-s", 120.0)))
+    except BaseException:
+        if job is not None:
+            job.finish("FAILED")
+        raise
+    if job is not None:
+        job.finish("FINISHED")
     last = federation.history[-1] if federation.history else {}
     log(INFO, "orchard federation finished: %d round(s), final accuracy %.4f", len(federation.history),
         float(last.get("fed/accuracy", float("nan"))))

@@ -71,3 +71,22 @@ def poison(spec: JobSpec, global_sd: dict[str, torch.Tensor], local_sd: dict[str
         else:
             out[key] = local
     return out
+
+
+EXTRA_ARRAY = "orchard.extra"
+INFLATED_EXAMPLES = 10**9
+
+
+def tamper(spec: JobSpec, state: dict[str, torch.Tensor], num_examples: int
+           ) -> tuple[dict[str, torch.Tensor], int]:
+    """What a malicious client does to a well-formed reply: an array the model does not have
+    (extra_arrays), one of the model's arrays left out (missing_arrays), or a claim of 10**9 training rows
+    (inflate_examples). The server must reject the first two and cap the third's weight."""
+    kind = spec.federated.attack.kind
+    if kind == "extra_arrays":
+        return {**state, EXTRA_ARRAY: torch.zeros(3)}, num_examples
+    if kind == "missing_arrays":
+        return dict(list(state.items())[:-1]), num_examples
+    if kind == "inflate_examples":
+        return state, INFLATED_EXAMPLES
+    return state, num_examples

@@ -17,7 +17,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 from orchard.config import JobSpec
 from orchard.data.manifest import label_dtype, read_xy
 from orchard.engine import LoopOptions, build_optimizer, make_task, seed_everything, train_epoch
-from orchard.federated.attacks import act_out, fault_for, flip_labels, malicious_clients, poison
+from orchard.federated.attacks import act_out, fault_for, flip_labels, malicious_clients, poison, tamper
 from orchard.federated.partitions import client_file
 from orchard.federated.strategies import ARRAYS_KEY, CLIENT_KEY, METRICS_KEY
 from orchard.models import build_model
@@ -74,7 +74,10 @@ def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, c
     state = model.state_dict()
     if malicious and spec.federated.attack.kind in ("sign_flip", "scale", "gaussian"):
         state = poison(spec, global_sd, state, seed)
-    metrics = MetricRecord({"train_loss": sum(losses) / len(losses), "num-examples": int(len(y))})
+    n = int(len(y))
+    if malicious:
+        state, n = tamper(spec, state, n)
+    metrics = MetricRecord({"train_loss": sum(losses) / len(losses), "num-examples": n})
     content = RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: metrics,
                           CLIENT_KEY: ConfigRecord({"client-id": client})})
     return Message(content=content, reply_to=msg)

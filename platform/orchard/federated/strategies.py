@@ -109,6 +109,7 @@ class RoundLog:
     bytes_received: int = 0
     failed: int = 0
     rejected: int = 0
+    capped: int = 0  # replies whose num-examples exceeded their node's partition size (kept, weight capped)
     skipped: bool = False
     clients: list[dict[str, Any]] = field(default_factory=list)
 
@@ -116,7 +117,8 @@ class RoundLog:
         ok = [c for c in self.clients if c["status"] == "ok"]
         losses = [c["train_loss"] for c in ok]
         return {"fed/clients": float(len(ok)), "fed/failed": float(self.failed),
-                "fed/rejected": float(self.rejected), "fed/skipped": float(self.skipped),
+                "fed/rejected": float(self.rejected),
+                "fed/capped": float(self.capped), "fed/skipped": float(self.skipped),
                 "fed/bytes_sent": float(self.bytes_sent), "fed/bytes_received": float(self.bytes_received),
                 "fed/client_train_loss": sum(losses) / len(losses) if losses else float("nan")}
 
@@ -127,17 +129,57 @@ def record_bytes(record: Any) -> int:
 
 class ReplyCheck:
     """What a valid train reply holds: the global model's keys, shapes and dtypes; finite values; a
-    plausible ``num-examples`` (at most the rows the client's partition holds)."""
+    positive ``num-examples`` and a finite ``train_loss``. ``weight`` then caps ``num-examples``.
+
+    The cap is keyed on the node that sent the reply, ``msg.metadata.src_node_id``: Flower sets it, not the
+    client (the SuperLink stores a reply only from the node its instruction went to, authenticated by its
+    key when SuperNode auth is on; in simulation the engine sets it). Nothing inside the reply, such as the
+    ``client-id`` a ClientApp writes, can move a node's cap once it is bound.
+
+    The server knows the partition sizes (it wrote the partitions) but not which node holds which
+    partition: a SuperNode's ``partition-id`` is its own node config, which Flower never sends to the
+    server. So each node is bound to one partition, one to one, on its first reply: to the partition its
+    reply names if no other node holds that partition yet, else to none. From then on the node's weight is
+    ``min(claimed, size of its bound partition)`` whatever later replies claim, and a node bound to none
+    weighs at most the smallest partition. What that guarantees: no node ever weighs more than one
+    partition, no partition's size is granted to two nodes, and a claim of 10**9 rows counts as at most the
+    largest partition (one that forges the largest partition's id on its first reply gets that, and the
+    honest holder of that partition then gets the smallest: the price of having no node-to-partition
+    table; a deployment's operator could supply one, which this class would take as the binding).
+    """
 
     def __init__(self, arrays: Any, partition_counts: list[int]) -> None:
         self.layout = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         self.counts = partition_counts
+        self.node_partition: dict[int, int | None] = {}  # node id -> bound partition (None: none free)
+        self.partition_node: dict[int, int] = {}
 
-    def client_of(self, msg: Any) -> int | None:
+    def claimed_client(self, msg: Any) -> int | None:
+        """The client id the reply names: a hint for the first binding only, never trusted for the cap."""
         if msg.has_error() or CLIENT_KEY not in msg.content.config_records:
             return None
         cid = msg.content.config_records[CLIENT_KEY].get("client-id")
         return int(cid) if isinstance(cid, int) and 0 <= cid < len(self.counts) else None
+
+    def client_of(self, msg: Any) -> int | None:
+        """The partition bound to the reply's node (binding it on its first reply)."""
+        node = msg.metadata.src_node_id
+        if node not in self.node_partition:
+            cid = self.claimed_client(msg)
+            if cid is not None and cid not in self.partition_node:
+                self.node_partition[node], self.partition_node[cid] = cid, node
+            else:
+                self.node_partition[node] = None
+                if cid is not None:
+                    logger.warning("node %d names client %d, already bound to node %d: its weight is capped at "
+                                   "the smallest partition (%d rows)", node, cid, self.partition_node[cid],
+                                   min(self.counts))
+        return self.node_partition[node]
+
+    def cap(self, msg: Any) -> int:
+        """The most rows the reply's node may claim: its bound partition's size, else the smallest one."""
+        cid = self.client_of(msg)
+        return int(self.counts[cid] if cid is not None else min(self.counts))
 
     def problem(self, msg: Any) -> str | None:
         """Why ``msg`` cannot be aggregated, or None."""
@@ -159,13 +201,20 @@ class ReplyCheck:
         if set(metrics) != METRIC_KEYS:
             return f"metric keys {sorted(metrics)}, expected {sorted(METRIC_KEYS)}"
         n, loss = metrics["num-examples"], metrics["train_loss"]
-        cid = self.client_of(msg)
-        most = self.counts[cid] if cid is not None else max(self.counts)
-        if not isinstance(n, int | float) or not 0 < n <= most:
-            return f"num-examples={n!r} is outside (0, {most}] (the client's partition size)"
+        if not isinstance(n, int | float) or not 0 < n < math.inf:
+            return f"num-examples={n!r} is not a positive number"
         if not isinstance(loss, int | float) or not math.isfinite(loss):
             return f"train_loss={loss!r} is not a finite number"
         return None
+
+    def weight(self, msg: Any) -> tuple[int, int | float]:
+        """(weight the reply aggregates with, what it claimed): ``num-examples`` capped by ``cap``; the
+        reply's MetricRecord is rewritten in place, since the strategies read the weight from it."""
+        metrics = msg.content[METRICS_KEY]
+        claimed, most = metrics["num-examples"], self.cap(msg)
+        if claimed > most:
+            metrics["num-examples"] = most
+        return min(claimed, most), claimed
 
 
 def _last_line(reason: str) -> str:
@@ -236,9 +285,13 @@ class GuardedStrategy(Strategy):
                                rnd, self.node_client.get(node, "?"), node, reason)
                 log.clients.append(self._row(rnd, node, "rejected", reason))
                 continue
-            metrics = msg.content[METRICS_KEY]
-            log.clients.append(self._row(rnd, node, "ok", "", float(metrics["train_loss"]),
-                                         int(metrics["num-examples"])))
+            n, claimed = self.check.weight(msg)
+            note = ""
+            if n < claimed:
+                log.capped += 1
+                note = f"num-examples={claimed!r} capped to {n} (the node's partition size)"
+                logger.warning("round %d: client %s (node %d): %s", rnd, self.node_client.get(node, "?"), node, note)
+            log.clients.append(self._row(rnd, node, "ok", note, float(msg.content[METRICS_KEY]["train_loss"]), n))
             good.append(msg)
         for node in getattr(self, "_sent", set()) - answered:
             log.failed += 1
