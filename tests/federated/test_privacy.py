@@ -244,4 +244,4 @@ def test_central_dp_federation_reports_a_growing_epsilon_that_survives_a_resume(
         # Every round's figure is the budget of all releases so far, the resumed round's included.
         assert eps[rnd - 1] == pytest.approx(ledger.epsilon_after(rnd))
     # Observed 0.70 test accuracy (epsilon 20.4, 32.3, 42.8) for these settings; chance is 0.1.
-    assert res.test["test/accuracy"] > 0.5, [round(h["fed/accuracy"], 3) for h in res.history]
+    assert res.test["test/accuracy"] > 0.5, [round(h["fed/val_accuracy"], 3) for h in res.history]
