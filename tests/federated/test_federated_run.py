@@ -113,10 +113,29 @@ def test_other_strategies_run_a_real_federation(digits_prepared, tmp_path, strat
     from orchard.federated import run_federated
 
     spec = _spec(tmp_path, rounds=2, partition="iid", strategy=strategy)
+    if strategy["name"] == "fedprox":
+        # Early stopping rides on this run rather than paying for a federation of its own: mode max on a
+        # falling loss makes round 1 the best and round 2 worse, so 5 rounds stop after round 2.
+        spec = _spec(tmp_path, rounds=5, partition="iid", strategy=strategy,
+                     early_stopping={"metric": "fed/val_loss", "mode": "max", "patience": 1})
     res = run_federated(spec, digits_prepared, None, log_path=tmp_path / "engine.log")
     assert [h["fed/clients"] for h in res.history] == [4, 4] and not any(h["fed/skipped"] for h in res.history)
     # Two rounds move the global model well above chance (0.1) for each of these strategies.
     assert res.history[-1]["fed/val_accuracy"] > 0.5, res.history
+    if strategy["name"] == "fedprox":
+        _assert_stopped_early_with_round_1s_model(res, digits_prepared, tmp_path / "engine.log")
+
+
+def _assert_stopped_early_with_round_1s_model(res, prepared, log_path: Path) -> None:
+    assert res.history[1]["fed/val_loss"] < res.history[0]["fed/val_loss"]
+    assert (res.extra["best_round"], res.extra["stopped_round"]) == (1, 2)
+    x, y = read_split(prepared, "val")
+    val = evaluate(res.model, [(torch.from_numpy(x), torch.from_numpy(y))], torch.device("cpu"), 10)
+    assert val.accuracy == pytest.approx(res.history[0]["fed/val_accuracy"])  # round 1's model, not round 2's
+    x, y = read_split(prepared, "test")
+    test = evaluate(res.model, [(torch.from_numpy(x), torch.from_numpy(y))], torch.device("cpu"), 10)
+    assert test.accuracy == pytest.approx(res.test["test/accuracy"])  # and it is the one tested
+    assert "early stopping after round 2" in log_path.read_text()
 
 
 @pytest.mark.slow
@@ -141,3 +160,15 @@ def test_a_client_larger_than_any_ray_node_is_refused_before_flower_starts(digit
     spec = _spec(tmp_path, client_cpus=512)
     with pytest.raises(ValueError, match="federated.client_cpus=512"):
         run_federated(spec, digits_prepared, None, log_path=tmp_path / "engine.log")
+
+
+def test_client_cpus_default_follows_the_cpus_the_round_size_and_memory():
+    from orchard.federated.simulation import ACTOR_BYTES, choose_client_cpus
+
+    assert choose_client_cpus(2, 4, None)[:2] == (1.0, 2)  # more clients than CPUs: one CPU each
+    cpus, actors, why = choose_client_cpus(16, 4, 64 * 2**30)  # few clients, many CPUs: threads each
+    assert (cpus, actors) == (4.0, 4) and "4 clients sampled per round" in why
+    assert choose_client_cpus(16, 100, 3 * ACTOR_BYTES)[:2] == (16.0, 1)  # memory for one actor only
+    spec = _spec(Path("."))
+    assert spec.federated.client_cpus is None  # unset: chosen at run time and written to the engine log
+

@@ -9,7 +9,8 @@ via ``flwr.supercore.privacy_accounting.RdpAccountant`` (dp-accounting underneat
 uniform weights because FedAvg's num-examples weighting lets one client move the mean by more than C/m.
 By default no amplification by sampling is claimed: every round counts as if it touched every client.
 Flower samples a fixed-size set without replacement, not the Poisson sampling the accountant's amplified
-bound assumes, so the spec refuses ``amplification: true`` unless ``fraction_train`` is 1 (no sampling). SecAgg+ is refused in the spec (see ``PrivacySpec``).
+bound assumes, so the spec refuses ``amplification: true`` unless ``fraction_train`` is 1 (no sampling).
+SecAgg+ is refused in the spec (see ``PrivacySpec``).
 """
 
 from __future__ import annotations
