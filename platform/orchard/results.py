@@ -38,13 +38,16 @@ class RunResult:
     """One engine run: the model, what it learned step by step, and how it did on the test split."""
 
     model: nn.Module  # the final (or best) model, on CPU, in eval mode
-    history: list[dict[str, Any]]  # one row per step: {"epoch"|"round": n, "train/loss": ..., ...}
+    # One row per step: {"epoch": n, "train/loss": ..., "val/loss": ...} or {"round": n, "fed/val_loss": ...};
+    # validation figures only: the test split is scored once, into ``test``.
+    history: list[dict[str, Any]]
     x: Literal["epoch", "round"]  # the step key of history rows
-    test: dict[str, float]  # "test/accuracy", "test/f1", ... (or "test/r2", ... for regression)
+    test: dict[str, float]  # "test/accuracy", "test/f1", ... (or "test/r2", ...) of ``model``, scored once
     confusion: np.ndarray | None = None  # classification only
     clients: list[dict[str, Any]] | None = None  # federated: one row per sampled client and round
     partitions: PartitionTable | None = None  # federated
-    extra: dict[str, Any] = field(default_factory=dict)  # engine specifics (train: best_epoch, checkpoint_path)
+    # Engine specifics (train: best_epoch, checkpoint_path; federated: best_round, stopped_round).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def headline(self) -> tuple[str, float]:
         """The test metric people look at first: accuracy, or R² for regression."""

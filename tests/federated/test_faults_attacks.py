@@ -74,8 +74,8 @@ def test_crashes_timeouts_and_dropouts_are_counted_and_thin_rounds_skipped(digit
         assert h["fed/clients"] == row.count(None)
         assert h["fed/skipped"] == float(row.count(None) < 2)
     for prev, h in zip(res.history, res.history[1:], strict=False):
-        if h["fed/skipped"]:  # the global model did not change: the same test figures as the round before
-            assert h["fed/accuracy"] == prev["fed/accuracy"] and h["fed/loss"] == prev["fed/loss"]
+        if h["fed/skipped"]:  # the global model did not change: the same validation figures as the round before
+            assert h["fed/val_accuracy"] == prev["fed/val_accuracy"] and h["fed/val_loss"] == prev["fed/val_loss"]
     reasons = {c["reason"] for c in res.clients if c["status"] == "failed"}
     assert any("crashed" in r for r in reasons) and any("dropped out" in r for r in reasons)
     assert any("round_timeout_s" in r for r in reasons)

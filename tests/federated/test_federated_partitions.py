@@ -11,11 +11,12 @@ from orchard.config import FederatedSpec
 from orchard.data.manifest import load_manifest, read_split, read_xy
 from orchard.federated.partitions import (
     META_FILE,
-    MIN_PARTITION_SIZE,
     PartitionError,
+    client_file,
     partition_indices,
     partition_table,
     write_partitions,
+    write_val_partitions,
 )
 
 SCHEMES = {
@@ -79,14 +80,38 @@ def test_small_alpha_dirichlet_is_far_more_skewed_than_iid(fresh_digits):
     skewed = write_partitions(fresh_digits, FederatedSpec(clients=10, partition="dirichlet", alpha=0.1))
     assert _skew(iid.label_counts) < 0.15
     assert _skew(skewed.label_counts) > 0.5
-    assert min(skewed.counts) >= MIN_PARTITION_SIZE
+    assert min(skewed.counts) >= FederatedSpec().min_partition_rows
+
+
+def test_default_min_partition_rows_lets_1000_skewed_clients_split_70000_rows():
+    """The issue's scale: at the old floor of 10 rows no Dirichlet(0.3) draw in 100 fitted; the default does."""
+    labels = np.random.default_rng(0).integers(0, 10, 70_000)
+    fed = FederatedSpec(clients=1000, partition="dirichlet", alpha=0.3)
+    parts = partition_indices(labels, fed)
+    assert len(parts) == 1000 and min(map(len, parts)) >= fed.min_partition_rows
+    assert sum(map(len, parts)) == 70_000
+    with pytest.raises(PartitionError, match=r"federated.min_partition_rows=71: 1000 clients x 71 rows exceeds"):
+        partition_indices(labels, fed.model_copy(update={"min_partition_rows": 71}))
+
+
+def test_client_validation_shares_cover_the_val_split_with_each_clients_label_mix(digits_prepared):
+    # A partition no other test uses (seed 5): its folder gains a val/ subfolder.
+    fed = FederatedSpec(clients=6, partition="dirichlet", alpha=0.3, seed=5, client_eval=1.0)
+    parts = write_partitions(digits_prepared, fed)
+    folder = write_val_partitions(digits_prepared, fed, parts)
+    dim = digits_prepared.manifest["feature_dim"]
+    shares = [read_xy([client_file(folder, i)], dim) for i in range(6)]
+    x_val, y_val = read_split(digits_prepared, "val")
+    assert sum((_rows(*xy) for xy in shares), Counter()) == _rows(x_val, y_val)  # every val row, once
+    for i, (_, y) in enumerate(shares):  # no validation rows of a class the client never trains on
+        assert set(np.unique(y)) <= {c for c, n in enumerate(parts.label_counts[i]) if n > 0}
 
 
 def test_impossible_partitions_are_refused_with_the_key(digits_prepared):
     labels = read_split(digits_prepared, "train")[1]
     with pytest.raises(PartitionError, match="federated.clients"):
         partition_indices(labels, FederatedSpec(clients=len(labels) + 1))
-    with pytest.raises(PartitionError, match="federated.alpha"):
+    with pytest.raises(PartitionError, match="federated.alpha=0.01: no Dirichlet draw in 100 .* federated.min_partition_rows"):
         # 600 clients of ~2 rows each: a Dirichlet draw this skewed always leaves some client empty.
         partition_indices(labels, FederatedSpec(clients=600, partition="dirichlet", alpha=0.01))
 

@@ -74,7 +74,7 @@ def test_a_killed_federation_resumes_after_its_last_round_in_the_same_run(tmp_pa
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    for key in ("fed/accuracy", "fed/clients", "fed/bytes_sent"):
+    for key in ("fed/val_accuracy", "fed/clients", "fed/bytes_sent"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(1, ROUNDS + 1)), (key, steps)  # every round exactly once
     assert run.data.metrics["fed/resumed_from"] >= KILL_AFTER

@@ -30,7 +30,8 @@ def _spec(tmp_path, **federated):
 
 
 @pytest.mark.slow
-def test_federation_learns_digits_and_logs_every_round(digits_prepared, tmp_path, monkeypatch, capfd):
+def test_federation_learns_digits_logs_validation_every_round_and_tests_once(digits_prepared, tmp_path, monkeypatch,
+                                                                             capfd):
     from mlflow.tracking import MlflowClient
 
     from orchard.federated import run_federated
@@ -39,7 +40,7 @@ def test_federation_learns_digits_and_logs_every_round(digits_prepared, tmp_path
     from orchard.tracking.outputs import log_result
 
     monkeypatch.chdir(tmp_path)  # MLflow's artifact root is relative to the working folder
-    spec = _spec(tmp_path)
+    spec = _spec(tmp_path, client_eval=0.5)  # 2 of the 4 clients also score each round's model locally
     log_path = tmp_path / "run" / "engine.log"
     progress = tmp_path / "run" / "progress.json"
     with JobRun(spec) as job:
@@ -48,7 +49,7 @@ def test_federation_learns_digits_and_logs_every_round(digits_prepared, tmp_path
         log_result(job, res, spec.name, digits_prepared.manifest["classes"])
 
     accuracy = res.test["test/accuracy"]
-    print(f"federated test accuracy {accuracy:.4f}", [round(h["fed/accuracy"], 3) for h in res.history])
+    print(f"federated test accuracy {accuracy:.4f}", [round(h["fed/val_accuracy"], 3) for h in res.history])
     assert res.test["test/accuracy"] >= ACCURACY_FLOOR
     assert [h["round"] for h in res.history] == list(range(1, ROUNDS + 1))
     assert all(h["fed/clients"] == 4 for h in res.history)
@@ -62,14 +63,28 @@ def test_federation_learns_digits_and_logs_every_round(digits_prepared, tmp_path
     assert res.confusion.sum() == len(y)
 
     client = MlflowClient(spec.tracking.uri)
-    steps = [m.step for m in client.get_metric_history(job.run_id, "fed/accuracy")]
-    assert sorted(steps) == list(range(1, ROUNDS + 1))
+    logged = client.get_run(job.run_id).data.metrics
+    # Rounds are scored on the validation split only; the test split once, on the final global model.
+    assert not any(k.startswith("fed/") and k.removeprefix("fed/") in ("accuracy", "loss", "f1") for k in logged)
+    val_rows = digits_prepared.manifest["counts"]["val"]
+    for key in ("fed/val_accuracy", "fed/val_loss", "fed/val_f1", "fed/client_eval_accuracy",
+                "fed/client_eval_p10_accuracy"):
+        assert [m.step for m in client.get_metric_history(job.run_id, key)] == list(range(1, ROUNDS + 1)), key
     for key in ("test/accuracy", "test/f1", "test/precision", "test/recall"):
-        assert client.get_metric_history(job.run_id, key)
+        assert [m.step for m in client.get_metric_history(job.run_id, key)] == [ROUNDS], key
+    assert logged["test/accuracy"] == pytest.approx(res.test["test/accuracy"])
+    final_val = evaluate(res.model, [tuple(map(torch.from_numpy, read_split(digits_prepared, "val")))],
+                         torch.device("cpu"), 10)
+    assert final_val.samples == val_rows and final_val.accuracy == pytest.approx(logged["fed/val_accuracy"])
+    for h in res.history:  # 2 clients evaluated on their own share of the validation split
+        assert h["fed/client_eval_clients"] == 2
+        assert 0 < h["fed/client_eval_p10_accuracy"] <= h["fed/client_eval_accuracy"] <= 1
     (tmp_path / "dl").mkdir()
     table = json.loads(Path(client.download_artifacts(job.run_id, "federated/partitions.json", str(tmp_path / "dl")))
                        .read_text())
     assert [row[table["columns"].index("rows")] for row in table["data"]] == res.partitions.counts
+    png = client.download_artifacts(job.run_id, "plots/client_eval.png", str(tmp_path / "dl"))
+    assert Path(png).stat().st_size > 1000
 
     for key in ("fed/failed", "fed/rejected", "fed/skipped", "fed/bytes_sent", "fed/bytes_received"):
         assert [m.step for m in client.get_metric_history(job.run_id, key)] == list(range(1, ROUNDS + 1)), key
@@ -98,10 +113,29 @@ def test_other_strategies_run_a_real_federation(digits_prepared, tmp_path, strat
     from orchard.federated import run_federated
 
     spec = _spec(tmp_path, rounds=2, partition="iid", strategy=strategy)
+    if strategy["name"] == "fedprox":
+        # Early stopping rides on this run rather than paying for a federation of its own: mode max on a
+        # falling loss makes round 1 the best and round 2 worse, so 5 rounds stop after round 2.
+        spec = _spec(tmp_path, rounds=5, partition="iid", strategy=strategy,
+                     early_stopping={"metric": "fed/val_loss", "mode": "max", "patience": 1})
     res = run_federated(spec, digits_prepared, None, log_path=tmp_path / "engine.log")
     assert [h["fed/clients"] for h in res.history] == [4, 4] and not any(h["fed/skipped"] for h in res.history)
     # Two rounds move the global model well above chance (0.1) for each of these strategies.
-    assert res.history[-1]["fed/accuracy"] > 0.5, res.history
+    assert res.history[-1]["fed/val_accuracy"] > 0.5, res.history
+    if strategy["name"] == "fedprox":
+        _assert_stopped_early_with_round_1s_model(res, digits_prepared, tmp_path / "engine.log")
+
+
+def _assert_stopped_early_with_round_1s_model(res, prepared, log_path: Path) -> None:
+    assert res.history[1]["fed/val_loss"] < res.history[0]["fed/val_loss"]
+    assert (res.extra["best_round"], res.extra["stopped_round"]) == (1, 2)
+    x, y = read_split(prepared, "val")
+    val = evaluate(res.model, [(torch.from_numpy(x), torch.from_numpy(y))], torch.device("cpu"), 10)
+    assert val.accuracy == pytest.approx(res.history[0]["fed/val_accuracy"])  # round 1's model, not round 2's
+    x, y = read_split(prepared, "test")
+    test = evaluate(res.model, [(torch.from_numpy(x), torch.from_numpy(y))], torch.device("cpu"), 10)
+    assert test.accuracy == pytest.approx(res.test["test/accuracy"])  # and it is the one tested
+    assert "early stopping after round 2" in log_path.read_text()
 
 
 @pytest.mark.slow
@@ -126,3 +160,15 @@ def test_a_client_larger_than_any_ray_node_is_refused_before_flower_starts(digit
     spec = _spec(tmp_path, client_cpus=512)
     with pytest.raises(ValueError, match="federated.client_cpus=512"):
         run_federated(spec, digits_prepared, None, log_path=tmp_path / "engine.log")
+
+
+def test_client_cpus_default_follows_the_cpus_the_round_size_and_memory():
+    from orchard.federated.simulation import ACTOR_BYTES, choose_client_cpus
+
+    assert choose_client_cpus(2, 4, None)[:2] == (1.0, 2)  # more clients than CPUs: one CPU each
+    cpus, actors, why = choose_client_cpus(16, 4, 64 * 2**30)  # few clients, many CPUs: threads each
+    assert (cpus, actors) == (4.0, 4) and "4 clients sampled per round" in why
+    assert choose_client_cpus(16, 100, 3 * ACTOR_BYTES)[:2] == (16.0, 1)  # memory for one actor only
+    spec = _spec(Path("."))
+    assert spec.federated.client_cpus is None  # unset: chosen at run time and written to the engine log
+

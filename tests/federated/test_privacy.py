@@ -72,7 +72,8 @@ def test_epsilon_grows_with_rounds_and_matches_dp_accounting():
 
     from orchard.federated.privacy import PrivacyLedger
 
-    ledger = PrivacyLedger(_spec({"mode": "central_fixed", "noise_multiplier": 1.1, "delta": 1e-5}), 4)
+    ledger = PrivacyLedger(_spec({"mode": "central_fixed", "noise_multiplier": 1.1, "delta": 1e-5,
+                                  "amplification": True}), 4)
     assert ledger.epsilon_after(0) == 0.0
     for rnd in range(1, 6):
         ledger.record(rnd, 1.1)
@@ -85,7 +86,7 @@ def test_epsilon_grows_with_rounds_and_matches_dp_accounting():
     assert eps[2] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
 
 
-def test_sampling_amplification_lowers_epsilon_and_can_be_turned_off():
+def test_sampling_amplification_is_off_by_default_and_refused_for_fixed_size_sampling():
     from orchard.federated.privacy import PrivacyLedger
 
     def eps(**privacy):
@@ -93,7 +94,12 @@ def test_sampling_amplification_lowers_epsilon_and_can_be_turned_off():
         ledger.record(1, 1.0)
         return ledger.epsilon_after(1)
 
-    assert eps() < eps(amplification=False)
+    # Default: the no-sampling bound, as if every round touched every client.
+    assert eps() == eps(amplification=False) > eps(amplification=True)
+    # Flower draws a fixed-size set per round, not the Poisson sampling the amplified bound assumes.
+    with pytest.raises(SpecError, match="privacy.amplification: true assumes Poisson"):
+        _spec({"mode": "central_fixed", "amplification": True}, fraction_train=0.5)
+    assert _spec({"mode": "central_fixed"}, fraction_train=0.5).federated.privacy.amplification is False
 
 
 def test_local_dp_epsilon_composes_over_the_rounds_a_client_took_part_in():
@@ -244,4 +250,4 @@ def test_central_dp_federation_reports_a_growing_epsilon_that_survives_a_resume(
         # Every round's figure is the budget of all releases so far, the resumed round's included.
         assert eps[rnd - 1] == pytest.approx(ledger.epsilon_after(rnd))
     # Observed 0.70 test accuracy (epsilon 20.4, 32.3, 42.8) for these settings; chance is 0.1.
-    assert res.test["test/accuracy"] > 0.5, [round(h["fed/accuracy"], 3) for h in res.history]
+    assert res.test["test/accuracy"] > 0.5, [round(h["fed/val_accuracy"], 3) for h in res.history]

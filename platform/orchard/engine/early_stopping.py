@@ -23,8 +23,9 @@ class EarlyStopper:
         if self.spec is None:
             return False
         if self.spec.metric not in metrics:
-            raise KeyError(f"train.early_stopping.metric: {self.spec.metric!r} is not reported; "
-                           f"available: {sorted(k for k in metrics if k.startswith('val/'))}")
+            section, prefix = ("federated", "fed/val_") if self.spec.metric.startswith("fed/") else ("train", "val/")
+            raise KeyError(f"{section}.early_stopping.metric: {self.spec.metric!r} is not reported; "
+                           f"available: {sorted(k for k in metrics if k.startswith(prefix))}")
         value = float(metrics[self.spec.metric])
         sign = 1.0 if self.spec.direction() == "max" else -1.0
         if self.best is None or sign * (value - self.best) > self.spec.min_delta:

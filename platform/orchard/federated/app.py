@@ -16,7 +16,8 @@ run config (``[tool.flwr.app.config]``, override with ``flwr run -c 'key=value'`
     run's id is kept in that folder, so a resumed federation logs into the same run.
 node config (``flower-supernode --node-config``)
     ``partition-id`` (set by Flower in simulation); ``data-dir``: a folder holding this node's
-    ``manifest.json`` and ``client-<partition-id>.parquet`` (``export_node_data`` writes one per node).
+    ``manifest.json`` and ``client-<partition-id>.parquet`` (``export_node_data`` writes one per node; with
+    ``federated.client_eval`` also ``val/client-<partition-id>.parquet``, its share of the validation split).
     Without ``data-dir`` a client reads its partition from the run's prepared folder (simulation).
 """
 
@@ -37,7 +38,14 @@ from flwr.supercore import log
 
 from orchard.config import JobSpec, load_spec
 from orchard.data.manifest import MANIFEST, PreparedData, load_manifest, read_split
-from orchard.federated.partitions import PARTITIONS_DIR, client_file, partition_name, write_partitions
+from orchard.federated.partitions import (
+    PARTITIONS_DIR,
+    VAL_DIR,
+    client_file,
+    partition_name,
+    write_partitions,
+    write_val_partitions,
+)
 
 
 class AppConfigError(ValueError):
@@ -117,7 +125,7 @@ serverapp = ServerApp()
 @serverapp.main()
 def server_main(grid: Grid, context: Context) -> None:
     from orchard.federated.checkpoint import load_latest
-    from orchard.federated.server import Federation, run_server
+    from orchard.federated.server import Federation, central_evaluator, run_server
 
     cfg = context.run_config
     spec = spec_from(cfg)
@@ -126,8 +134,10 @@ def server_main(grid: Grid, context: Context) -> None:
     if cfg.get("write-partitions", True):
         parts = write_partitions(prepared, spec.federated)
         counts = list(parts.counts)
+        if spec.federated.client_eval:
+            write_val_partitions(prepared, spec.federated, parts)
         log(INFO, "orchard partitions: %s (rows per client %s)", parts.folder, parts.counts)
-    x, y = read_split(prepared, "test")
+    x, y = read_split(prepared, "val")
     ck_dir = Path(str(cfg.get("checkpoint-dir", ""))).expanduser() if cfg.get("checkpoint-dir") else None
     federation = Federation(partition_counts=counts, checkpoint_dir=ck_dir,
                             resume=load_latest(ck_dir) if ck_dir is not None else None)
@@ -140,15 +150,20 @@ def server_main(grid: Grid, context: Context) -> None:
         run_server(grid, spec, prepared.manifest, (torch.from_numpy(x), torch.from_numpy(y)), federation,
                    _round_logger(job), round_timeout_s=float(cfg.get("round-timeout-s", 600.0)),
                    connect_timeout_s=float(cfg.get("connect-timeout-s", 120.0)))
+        # Rounds were scored on the validation split; the test split once, on the final (or best) global model.
+        x, y = read_split(prepared, "test")
+        test = central_evaluator(spec, prepared.manifest, (torch.from_numpy(x), torch.from_numpy(y)))(
+            federation.arrays)
+        if job is not None:
+            job.logger.log_metrics(test.as_metrics("test"), step=len(federation.history))
     except BaseException:
         if job is not None:
             job.finish("FAILED")
         raise
     if job is not None:
         job.finish("FINISHED")
-    last = federation.history[-1] if federation.history else {}
-    log(INFO, "orchard federation finished: %d round(s), final accuracy %.4f", len(federation.history),
-        float(last.get("fed/accuracy", float("nan"))))
+    log(INFO, "orchard federation finished: %d round(s), final accuracy %.4f (test split)", len(federation.history),
+        float(test.accuracy if test.accuracy is not None else float("nan")))
 
 
 clientapp = ClientApp()
@@ -179,15 +194,28 @@ def client_train(msg: Message, context: Context) -> Message:
     return local_train(spec, manifest, folder, msg, context)
 
 
+@clientapp.evaluate()
+def client_evaluate(msg: Message, context: Context) -> Message:
+    from orchard.federated.client import local_evaluate
+
+    spec = spec_from(context.run_config)
+    folder, manifest = partition_folder(spec, context)
+    return local_evaluate(spec, manifest, folder, msg, context)
+
+
 def export_node_data(prepared: PreparedData, spec: JobSpec, out: str | Path) -> list[Path]:
     """One folder per SuperNode, ``out/node-<i>/{manifest.json, client-<i>.parquet}``: what site i gets."""
     parts = write_partitions(prepared, spec.federated)
+    val = write_val_partitions(prepared, spec.federated, parts) if spec.federated.client_eval else None
     folders = []
     for i in range(spec.federated.clients):
         folder = Path(out) / f"node-{i}"
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy2(prepared.path / MANIFEST, folder / MANIFEST)
         shutil.copy2(client_file(parts.folder, i), client_file(folder, i))
+        if val is not None:
+            (folder / VAL_DIR).mkdir(exist_ok=True)
+            shutil.copy2(client_file(val, i), client_file(folder / VAL_DIR, i))
         folders.append(folder)
     return folders
 

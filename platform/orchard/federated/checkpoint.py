@@ -6,7 +6,9 @@ Layout (one folder per round, the two newest kept; a folder is complete once ren
     <root>/round-00003/strategy.safetensors  server optimizer state (FedAdam/FedYogi/FedAdagrad m_t, v_t;
                                              FedAvgM momentum), keyed "<depth>.<attr>.<key>"
     <root>/round-00003/state.json            round, history rows, per-client rows, scalar strategy state,
-                                             DP releases (round, noise multiplier) for the privacy ledger
+                                             DP releases (round, noise multiplier) for the privacy ledger,
+                                             early-stopping state
+    <root>/round-00003/best.safetensors      federated.early_stopping: the best round's global model so far
 
 No pickle: tensors in safetensors, everything else JSON (as ``orchard.engine.checkpoint``).
 """
@@ -25,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ARRAYS_FILE, STRATEGY_FILE, STATE_FILE = "arrays.safetensors", "strategy.safetensors", "state.json"
+BEST_FILE = "best.safetensors"
 TENSOR_ATTRS = ("m_t", "v_t", "momentum_vector")  # FedOpt family moments; FedAvgM momentum
 SCALAR_ATTRS = ("clipping_norm",)  # adaptive DP clipping's current bound
 KEEP = 2
@@ -40,6 +43,8 @@ class RoundCheckpoint:
     strategy_scalars: dict[str, float] = field(default_factory=dict)
     # (round, noise multiplier) of every DP release so far: the privacy budget carries across a resume.
     privacy_releases: list[tuple[int, float]] = field(default_factory=list)
+    best_arrays: dict[str, torch.Tensor] | None = None  # federated.early_stopping: the best round's model
+    stopper: dict[str, Any] | None = None  # EarlyStopper.state()
 
 
 def _chain(strategy: Any) -> list[Any]:
@@ -89,9 +94,12 @@ def save_round(root: Path, ckpt: RoundCheckpoint) -> Path:
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in ckpt.arrays.items()}, str(tmp / ARRAYS_FILE))
     save_file(ckpt.strategy_tensors, str(tmp / STRATEGY_FILE))
+    if ckpt.best_arrays is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ckpt.best_arrays.items()}, str(tmp / BEST_FILE))
     (tmp / STATE_FILE).write_text(json.dumps({"round": ckpt.round, "history": ckpt.history,
                                               "clients": ckpt.clients, "strategy": ckpt.strategy_scalars,
-                                              "privacy_releases": [list(r) for r in ckpt.privacy_releases]}))
+                                              "privacy_releases": [list(r) for r in ckpt.privacy_releases],
+                                              "stopper": ckpt.stopper}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # atomic: a kill leaves either the old or the complete new round
     for old in sorted(root.glob("round-*"))[:-KEEP]:
@@ -110,4 +118,6 @@ def load_latest(root: Path) -> RoundCheckpoint | None:
                            history=state["history"], clients=state["clients"],
                            strategy_tensors=load_file(str(folder / STRATEGY_FILE)),
                            strategy_scalars=state.get("strategy", {}),
-                           privacy_releases=[(int(r), float(z)) for r, z in state.get("privacy_releases", [])])
+                           privacy_releases=[(int(r), float(z)) for r, z in state.get("privacy_releases", [])],
+                           best_arrays=load_file(str(folder / BEST_FILE)) if (folder / BEST_FILE).is_file() else None,
+                           stopper=state.get("stopper"))

@@ -16,9 +16,9 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 
 from orchard.config import JobSpec
 from orchard.data.manifest import label_dtype, read_xy
-from orchard.engine import LoopOptions, build_optimizer, make_task, seed_everything, train_epoch
+from orchard.engine import LoopOptions, build_optimizer, evaluate, make_task, seed_everything, train_epoch
 from orchard.federated.attacks import act_out, fault_for, flip_labels, malicious_clients, poison, tamper
-from orchard.federated.partitions import client_file
+from orchard.federated.partitions import VAL_DIR, client_file
 from orchard.federated.strategies import ARRAYS_KEY, CLIENT_KEY, METRICS_KEY
 from orchard.models import build_model
 
@@ -62,7 +62,7 @@ def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, c
     # dropout masks and batch order.
     seed = spec.train.seed + 100_003 * server_round + client
     seed_everything(seed)
-    torch.set_num_threads(max(1, int(spec.federated.client_cpus)))
+    torch.set_num_threads(max(1, int(spec.federated.client_cpus or 1)))
 
     x, y = _partition(client_file(partitions, client), manifest)
     malicious = client in malicious_clients(spec)
@@ -81,6 +81,26 @@ def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, c
     content = RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: metrics,
                           CLIENT_KEY: ConfigRecord({"client-id": client})})
     return Message(content=content, reply_to=msg)
+
+
+def local_evaluate(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, context: Context) -> Message:
+    """Score the global arrays on this client's share of the validation split (``federated.client_eval``).
+
+    A client with no validation rows replies num-examples 0; the server leaves it out of the figures.
+    """
+    client = int(context.node_config["partition-id"])
+    torch.set_num_threads(max(1, int(spec.federated.client_cpus or 1)))
+    x, y = _partition(client_file(partitions / VAL_DIR, client), manifest)
+    metrics: dict[str, float | int] = {"loss": 0.0, "num-examples": 0}
+    if len(y):
+        model, _ = _global_model(spec, manifest, msg)
+        task = make_task(manifest, spec.train, manifest.get("class_counts"))
+        res = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=spec.train.batch_size * 4),
+                       torch.device("cpu"), task)
+        metrics = {"loss": float(res.loss), "num-examples": int(len(y))}
+        if res.accuracy is not None:
+            metrics["accuracy"] = float(res.accuracy)
+    return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 
 def _global_model(spec: JobSpec, manifest: dict, msg: Message) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -112,5 +132,9 @@ def make_client_app(spec: JobSpec, manifest: dict, partitions: Path) -> ClientAp
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return local_train(spec, manifest, partitions, msg, context)
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return local_evaluate(spec, manifest, partitions, msg, context)
 
     return app

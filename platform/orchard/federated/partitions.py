@@ -38,7 +38,6 @@ META_FILE = "partitions.json"
 # Bumped whenever the algorithm changes, so folders written by an older version are not reused.
 # (Schemes computed by flwr-datasets also record its version: an upgrade may change their output.)
 ALGORITHM_VERSION = 1
-MIN_PARTITION_SIZE = 10
 MAX_DIRICHLET_TRIES = 100
 
 
@@ -94,15 +93,15 @@ def iid_indices(num_rows: int, clients: int, seed: int) -> list[np.ndarray]:
 
 
 def dirichlet_indices(labels: np.ndarray, clients: int, alpha: float, seed: int,
-                      min_size: int = MIN_PARTITION_SIZE) -> list[np.ndarray]:
+                      min_size: int = 2) -> list[np.ndarray]:
     """Per class, shares drawn from Dir(alpha); redrawn until every client has ``min_size`` rows.
 
     The same rule as flwr-datasets' DirichletPartitioner(min_partition_size=...): redrawing keeps the
     label skew a pure Dirichlet draw, where topping up small clients would blur it.
     """
-    min_size = min(min_size, len(labels) // clients)
-    if min_size < 1:
-        raise PartitionError(f"federated.clients={clients}: the training split has only {len(labels)} rows")
+    if min_size * clients > len(labels):
+        raise PartitionError(f"federated.min_partition_rows={min_size}: {clients} clients x {min_size} rows exceeds "
+                             f"the {len(labels)} training rows; lower federated.min_partition_rows or federated.clients")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     for _ in range(MAX_DIRICHLET_TRIES):
@@ -117,7 +116,8 @@ def dirichlet_indices(labels: np.ndarray, clients: int, alpha: float, seed: int,
             return out
     raise PartitionError(
         f"federated.alpha={alpha:g}: no Dirichlet draw in {MAX_DIRICHLET_TRIES} gave each of "
-        f"{clients} clients at least {min_size} rows; raise federated.alpha or lower federated.clients")
+        f"{clients} clients at least {min_size} rows (federated.min_partition_rows); lower "
+        "federated.min_partition_rows, raise federated.alpha or lower federated.clients")
 
 
 def shard_indices(labels: np.ndarray, clients: int, per_client: int, seed: int) -> list[np.ndarray]:
@@ -224,7 +224,7 @@ def _divide(labels: np.ndarray, fed: FederatedSpec,
     else:
         _classes_only(labels, fed.partition)
         if fed.partition == "dirichlet":
-            parts = dirichlet_indices(labels, fed.clients, fed.alpha, fed.seed)
+            parts = dirichlet_indices(labels, fed.clients, fed.alpha, fed.seed, fed.min_partition_rows)
         else:
             parts = pathological_indices(labels, fed.clients, fed.classes_per_client, fed.seed)
     _check_cover(parts, len(labels), fed)
@@ -248,7 +248,7 @@ def _params(fed: FederatedSpec) -> dict:
     params = {"version": ALGORITHM_VERSION, "scheme": fed.partition, "clients": fed.clients}
     extra = {
         "iid": {"seed": fed.seed},
-        "dirichlet": {"seed": fed.seed, "alpha": fed.alpha, "min_partition_size": MIN_PARTITION_SIZE},
+        "dirichlet": {"seed": fed.seed, "alpha": fed.alpha, "min_partition_size": fed.min_partition_rows},
         "shard": {"seed": fed.seed, "shards_per_client": fed.shards_per_client},
         "pathological": {"seed": fed.seed, "classes_per_client": fed.classes_per_client,
                          "assignment": "first-deterministic", "library": _flwr_datasets_version()},
@@ -315,6 +315,62 @@ def write_partitions(prepared: PreparedData, fed: FederatedSpec) -> PartitionSet
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PartitionSet(folder, counts, labels, ids)
+
+
+# -- each client's share of the validation split (federated.client_eval) ---------------------------------
+
+VAL_DIR = "val"  # <partition folder>/val/client-<i>.parquet
+
+
+def val_indices(labels: np.ndarray, parts: PartitionSet, seed: int,
+                groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """Each client's rows of the validation split, drawn with the label mix of its training rows.
+
+    A client's local validation data should look like its local data, so per class the validation rows
+    are dealt out in proportion to the clients' training rows of that class (a Dirichlet client holding no
+    class-3 rows gets no class-3 validation rows). Natural partitions keep each row with its own id;
+    a regression target is dealt in proportion to training rows. Some clients may get none.
+    """
+    if parts.ids is not None and groups is not None:
+        return [np.flatnonzero(groups == cid) for cid in parts.ids]
+    rng = np.random.default_rng(seed + 7919)
+    counts = np.asarray(parts.counts, dtype=np.float64)
+    if not parts.label_counts or not np.issubdtype(labels.dtype, np.integer):
+        groups_of = {None: np.arange(len(labels))}
+        weights = {None: counts}
+    else:
+        lc = np.asarray(parts.label_counts, dtype=np.float64)
+        groups_of = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
+        weights = {c: lc[:, c] if c < lc.shape[1] and lc[:, c].sum() > 0 else counts for c in groups_of}
+    out: list[list[np.ndarray]] = [[] for _ in counts]
+    for key, rows in groups_of.items():
+        rows = rng.permutation(rows)
+        share = np.cumsum(weights[key]) / weights[key].sum()
+        for i, chunk in enumerate(np.split(rows, (share * len(rows)).astype(int)[:-1])):
+            out[i].append(chunk)
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in out]
+
+
+def write_val_partitions(prepared: PreparedData, fed: FederatedSpec, parts: PartitionSet) -> Path:
+    """``<partition folder>/val/client-<i>.parquet``, once: what each client evaluates the global model on."""
+    folder = parts.folder / VAL_DIR
+    if (folder / META_FILE).is_file() and all(client_file(folder, i).is_file() for i in range(fed.clients)):
+        return folder
+    x, y = read_split(prepared, "val")
+    groups = natural_groups(prepared, "val", fed.partition_by) if fed.partition == "natural" else None
+    rows_of = val_indices(y, parts, fed.seed, groups)
+    tmp = Path(tempfile.mkdtemp(prefix=".val-", dir=parts.folder))
+    try:
+        for i, rows in enumerate(rows_of):
+            pq.write_table(contract_table(x[rows], y[rows], None if groups is None else groups[rows]), client_file(tmp, i))
+        (tmp / META_FILE).write_text(json.dumps({"counts": [int(len(r)) for r in rows_of]}))
+        if folder.exists() and not (folder / META_FILE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # left incomplete by a killed writer
+        with contextlib.suppress(OSError):  # another process published the same folder first
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def partition_table(partitions: PartitionSet, classes: list | None = None) -> dict[str, list]:

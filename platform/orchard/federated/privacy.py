@@ -7,8 +7,10 @@ Accounting model (the one Flower's own accountant uses): client-level DP, add-or
 via ``flwr.supercore.privacy_accounting.RdpAccountant`` (dp-accounting underneath). A central release is the
 *uniform* mean of m clipped updates plus N(0, (sigma*C/m)^2), so its noise multiplier is sigma; we force
 uniform weights because FedAvg's num-examples weighting lets one client move the mean by more than C/m.
-With ``amplification`` a round counts as Poisson sampling with q = m/N, an approximation of Flower's
-fixed-size draw; false gives the no-sampling bound. SecAgg+ is refused in the spec (see ``PrivacySpec``).
+By default no amplification by sampling is claimed: every round counts as if it touched every client.
+Flower samples a fixed-size set without replacement, not the Poisson sampling the accountant's amplified
+bound assumes, so the spec refuses ``amplification: true`` unless ``fraction_train`` is 1 (no sampling).
+SecAgg+ is refused in the spec (see ``PrivacySpec``).
 """
 
 from __future__ import annotations

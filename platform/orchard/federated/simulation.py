@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,15 +20,19 @@ from typing import Any
 
 import torch
 
-from orchard.config import JobSpec
+from orchard.config import JobSpec, SpecError
 from orchard.console import ENGINE_LOGGERS
 from orchard.data.manifest import PreparedData
-from orchard.federated.partitions import partition_summary, read_split, write_partitions
+from orchard.federated.partitions import partition_summary, read_split, write_partitions, write_val_partitions
 from orchard.progress import write_progress
 from orchard.raystart import start_ray
 from orchard.results import MetricLogger, RunResult
 
 CHECKPOINT_ROOT = Path(".orchard/federated")  # the runner adds the MLflow run id: `--resume` finds it again
+# A Ray actor that imported torch and holds a small model and its partition: an estimate (~0.5 GB
+# resident), used only to keep the default concurrency inside free memory.
+ACTOR_BYTES = 512 * 2**20
+log = logging.getLogger("flwr")  # the engine log collects it (engine_logs_to)
 
 
 def _file_handler(log_path: Path) -> logging.Handler:
@@ -81,18 +87,66 @@ def _round_reporter(logger: MetricLogger | None, progress_file: Path | None,
     return on_round
 
 
-def _simulate(spec: JobSpec, server_app, client_app, log_path: Path | None) -> None:
+def choose_client_cpus(cluster_cpus: float, sampled: int, free_bytes: int | None) -> tuple[float, int, str]:
+    """(client_cpus, concurrent clients, why) when the spec leaves ``federated.client_cpus`` unset.
+
+    Flower's Ray backend runs floor(cluster CPUs / client_cpus) actors. One client per CPU, but never more
+    at once than are sampled per round (idle actors only cost memory), nor more than free memory holds;
+    CPUs left over go to each client as threads (torch.set_num_threads), so a round of few clients on a
+    big machine still uses every core.
+    """
+    cpus = max(1, int(cluster_cpus))
+    by_memory = max(1, int(free_bytes * 0.5 // ACTOR_BYTES)) if free_bytes else cpus
+    actors = max(1, min(cpus, sampled, by_memory))
+    client_cpus = float(cpus // actors)
+    limit = {cpus: f"{cpus} CPUs", sampled: f"{sampled} clients sampled per round",
+             by_memory: f"half the free memory ({(free_bytes or 0) / 2**30:.1f} GiB free) at "
+                        f"{ACTOR_BYTES / 2**20:.0f} MiB per actor"}[actors]
+    return client_cpus, int(cpus // client_cpus), (
+        f"federated.client_cpus={client_cpus:g} (chosen: not set in the spec): {int(cpus // client_cpus)} clients "
+        f"at once on {cpus} CPUs, limited by {limit}")
+
+
+def _free_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return None
+
+
+def _resolve_client_cpus(spec: JobSpec) -> JobSpec:
+    """The spec with ``federated.client_cpus`` set: as given, or chosen from the running Ray's CPUs."""
+    import ray
+
+    from orchard.federated.strategies import num_sampled
+
+    fed = spec.federated
+    cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    if fed.client_cpus is not None:
+        log.info("federated.client_cpus=%g (from the spec): up to %d clients at once on %g CPUs",
+                 fed.client_cpus, math.floor(cpus / fed.client_cpus), cpus)
+        return spec
+    client_cpus, _, why = choose_client_cpus(cpus, num_sampled(spec), _free_bytes())
+    log.info("%s", why)
+    return spec.model_copy(update={"federated": fed.model_copy(update={"client_cpus": client_cpus})})
+
+
+def _simulate(spec: JobSpec, server_app, client_app_for: Callable[[JobSpec], Any], log_path: Path | None) -> None:
     from flwr.simulation import run_simulation
 
     fed = spec.federated
     with engine_logs_to(log_path):
-        started = start_ray(task_cpus=fed.client_cpus, task_setting="federated.client_cpus")
+        started = start_ray(task_cpus=fed.client_cpus or 0, task_setting="federated.client_cpus")
     try:
         # Entered after ray.init, which installs its own stderr handler on the "ray" logger.
         with engine_logs_to(log_path):
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fed.clients,
+            spec = _resolve_client_cpus(spec)
+            run_simulation(server_app=server_app, client_app=client_app_for(spec), num_supernodes=fed.clients,
                            backend_name="ray",
-                           backend_config={"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": 0.0}})
+                           backend_config={"client_resources": {"num_cpus": spec.federated.client_cpus,
+                                                                "num_gpus": 0.0}})
     finally:
         # Flower shuts Ray down when its backend ends; this covers a failure before that point.
         if started:
@@ -108,11 +162,13 @@ def run_federated(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | 
                   on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """Federate ``spec`` over ``prepared`` and return the global model, its history and test figures.
 
-    Per-round and test metrics go to ``logger`` (anything with ``log_metrics(metrics, step)``), the latest
-    round to ``progress_file``, Flower's and Ray's logs to ``log_path``. With a ``checkpoint_dir`` every
-    round is checkpointed there, and a federation that finds a checkpoint in it continues from the round
-    after it (``orchard run --resume``). The result carries the per-client rows and the partition table
-    as plain data for tracking to log.
+    Each round's global model is scored on the validation split (``fed/val_*`` at step = round); the test
+    split is scored once, on the final global model (the best round's with ``federated.early_stopping``),
+    as ``test/*``. Per-round and test metrics go to ``logger`` (anything with ``log_metrics(metrics,
+    step)``), the latest round to ``progress_file``, Flower's and Ray's logs to ``log_path``. With a
+    ``checkpoint_dir`` every round is checkpointed there, and a federation that finds a checkpoint in it
+    continues from the round after it (``orchard run --resume``). The result carries the per-client rows
+    and the partition table as plain data for tracking to log.
     """
     from orchard.federated.checkpoint import load_latest
     from orchard.federated.client import make_client_app
@@ -128,33 +184,46 @@ def run_federated(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | 
     check_strategy(spec)  # impossible strategy settings fail before any process starts
     manifest = prepared.manifest
     partitions = write_partitions(prepared, spec.federated)
-    x_test, y_test = read_split(prepared, "test")
-    test_xy = (torch.from_numpy(x_test), torch.from_numpy(y_test))
+    if spec.federated.client_eval:
+        write_val_partitions(prepared, spec.federated, partitions)
+    val_xy = _split_tensors(prepared, "val")
     federation = Federation(partition_counts=list(partitions.counts), checkpoint_dir=checkpoint_dir,
                             resume=load_latest(checkpoint_dir) if checkpoint_dir is not None else None)
     if logger is not None and federation.resume is not None:
         logger.log_metrics({"fed/resumed_from": float(federation.resume.round)}, step=federation.resume.round)
-    server_app = make_server_app(spec, manifest, test_xy, federation,
+    server_app = make_server_app(spec, manifest, val_xy, federation,
                                  _round_reporter(logger, progress_file, on_round),
                                  round_timeout_s=round_timeout_s, connect_timeout_s=connect_timeout_s)
-    client_app = make_client_app(spec, manifest, partitions.folder.resolve())
+    folder = partitions.folder.resolve()
     if federation.resume is None or federation.resume.round < spec.federated.rounds:
-        _simulate(spec, server_app, client_app, log_path)
+        _simulate(spec, server_app, lambda resolved: make_client_app(resolved, manifest, folder), log_path)
     else:
         restore_finished_federation(federation)
     if not federation.arrays:
         raise FederationError("the federation ended without a global model (see the engine log)")
 
-    test = central_evaluator(spec, manifest, test_xy)(federation.arrays)
+    # The one look at the test split, after every round is done.
+    test = central_evaluator(spec, manifest, _split_tensors(prepared, "test"))(federation.arrays)
     model = global_model(spec, manifest)
     model.load_state_dict(federation.arrays.to_torch_state_dict())
     # The engine's metrics for the task: accuracy/f1/precision/recall, or mae/rmse/r2 for regression.
     scores = test.as_metrics("test")
+    last = federation.history[-1]["round"] if federation.history else 0
     if logger is not None:
-        logger.log_metrics(scores, step=0)
+        logger.log_metrics(scores | ({"fed/best_round": float(federation.best_round)}
+                                     if federation.best_round is not None else {}), step=last)
     return RunResult(model=model.eval(), history=federation.history, x="round", test=scores,
                      confusion=test.confusion, clients=federation.clients,
-                     partitions=partition_summary(partitions, manifest.get("classes")))
+                     partitions=partition_summary(partitions, manifest.get("classes")),
+                     extra={"best_round": federation.best_round, "stopped_round": federation.stopped_round})
+
+
+def _split_tensors(prepared: PreparedData, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = read_split(prepared, split)
+    if not len(y):
+        raise SpecError(f"data.split.{split}: the {split} split of {prepared.path} is empty; a federation scores "
+                        "every round on the validation split and the final model once on the test split")
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def restore_finished_federation(federation) -> None:
@@ -163,4 +232,6 @@ def restore_finished_federation(federation) -> None:
 
     ck = federation.resume
     federation.history, federation.clients = list(ck.history), list(ck.clients)
-    federation.arrays = ArrayRecord(ck.arrays)
+    federation.arrays = ArrayRecord(ck.best_arrays if ck.best_arrays is not None else ck.arrays)
+    if ck.best_arrays is not None and ck.stopper:
+        federation.best_round = ck.stopper.get("best_epoch")

@@ -66,13 +66,13 @@ def client_lr(spec: JobSpec) -> float:
 
 
 def build_strategy(spec: JobSpec) -> Any:
-    """The Flower strategy named by the spec; central evaluation only (fraction_evaluate=0)."""
+    """The Flower strategy named by the spec; clients evaluate only with ``federated.client_eval``."""
     from flwr.serverapp import strategy as st
 
     check_strategy(spec)
     fed, s = spec.federated, spec.federated.strategy
-    common = {"fraction_train": fed.fraction_train, "fraction_evaluate": 0.0,
-              "min_train_nodes": fed.min_train_clients, "min_evaluate_nodes": 0,
+    common = {"fraction_train": fed.fraction_train, "fraction_evaluate": fed.client_eval or 0.0,
+              "min_train_nodes": fed.min_train_clients, "min_evaluate_nodes": 1 if fed.client_eval else 0,
               "min_available_nodes": fed.min_available_clients or fed.clients}
     eta_l = client_lr(spec)
     adaptive = {"eta": s.server_lr, "eta_l": eta_l, "tau": s.tau}

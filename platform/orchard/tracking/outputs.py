@@ -11,6 +11,8 @@ from typing import Any
 
 from orchard.results import RunResult
 
+CLIENT_EVAL_FIGURE = "plots/client_eval.png"  # federated.client_eval: mean and worst-decile client accuracy
+
 
 def log_result(job, result: RunResult, title: str, classes: Sequence[Any] | None = None) -> None:
     """Learning curve, confusion matrix (figure + JSON), and for a federation its clients and partitions."""
@@ -24,6 +26,8 @@ def log_result(job, result: RunResult, title: str, classes: Sequence[Any] | None
         labels = list(classes) if classes else list(range(len(result.confusion)))
         figures.append(("plots/confusion_matrix.png", lambda: plots.confusion_matrix(result.confusion, labels)))
         job.log_text(json.dumps(np.asarray(result.confusion).tolist()), "metrics/confusion_matrix.json")
+    if any("fed/client_eval_accuracy" in h for h in result.history):
+        figures.append((CLIENT_EVAL_FIGURE, lambda: plots.client_eval(result.history)))
     if result.clients:
         figures.append(("plots/clients_by_round.png", lambda: plots.client_rounds(result.clients)))
         log_clients(job, result.clients)

@@ -13,15 +13,18 @@ import numpy as np  # noqa: E402
 
 
 def learning_curve(history: Sequence[dict[str, Any]], x_key: str = "epoch", title: str = "Learning curve"):
-    """Loss and accuracy per step for every prefix found (train/, val/, fed/)."""
+    """Loss and accuracy per step for every prefix found (train/, val/; fed/val_, fed/client_eval_)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     xs = [h[x_key] for h in history]
     prefixes = sorted({k.split("/")[0] for h in history for k in h if "/" in k})
     for p in prefixes:
-        for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-            ys = [h.get(f"{p}/{metric}") for h in history]
-            if any(y is not None for y in ys):
-                ax.plot(xs, [np.nan if y is None else y for y in ys], marker="o", ms=3, label=p)
+        # fed/ rows name their split after the slash: fed/val_loss (central), fed/client_eval_loss (clients).
+        for sub in (("val_", "client_eval_") if p == "fed" else ("",)):
+            for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+                ys = [h.get(f"{p}/{sub}{metric}") for h in history]
+                if any(y is not None for y in ys):
+                    ax.plot(xs, [np.nan if y is None else y for y in ys], marker="o", ms=3,
+                            label=f"{p}/{sub.rstrip('_')}" if sub else p)
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel(x_key)
         ax.set_ylabel(metric)
@@ -124,6 +127,26 @@ def client_rounds(clients: Sequence[dict[str, Any]], title: str = "Clients by ro
     ax.set_xticks(range(0, len(rounds), xstep), [str(r) for r in rounds[::xstep]])
     ax.set_xlabel("round")
     ax.set_ylabel("client")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def client_eval(history: Sequence[dict[str, Any]], title: str = "Federated evaluation on clients"):
+    """Per round: the clients' weighted mean accuracy and the worst decile's (fed/client_eval_*), beside
+    the central validation accuracy: a widening gap means the global model serves some clients badly."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = [h for h in history if "fed/client_eval_accuracy" in h]
+    for key, label, style in (("fed/client_eval_accuracy", "clients: weighted mean", "-o"),
+                              ("fed/client_eval_p10_accuracy", "clients: 10th percentile", "--v"),
+                              ("fed/val_accuracy", "central (validation split)", ":s")):
+        ys = [h.get(key) for h in rows]
+        if any(y is not None for y in ys):
+            ax.plot([h["round"] for h in rows], [np.nan if y is None else y for y in ys], style, ms=3, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
     ax.set_title(title)
     fig.tight_layout()
     return fig
