@@ -173,9 +173,10 @@ def _figures(values: list[float], fmt: str = ",.0f") -> str:
     return ", ".join(f"{v:{fmt}}" for v in values)
 
 
-def run(progress=print, scale: float = 1.0, repeats: int = REPEATS) -> list[Result]:
-    """Every case and ratio; ``scale`` shrinks the row counts and ``repeats`` the alternations (a smoke
-    run, not a measurement).
+def run(progress=print, scale: float = 1.0, repeats: int = REPEATS, cases: tuple[str, ...] | None = None
+        ) -> list[Result]:
+    """Every case and ratio; ``scale`` shrinks the row counts and ``repeats`` the alternations, ``cases``
+    picks some of CASES (a smoke run, not a measurement).
 
     Leaves the process as it found it: its torch thread count, and no Ray instance it started itself.
     The end-to-end rows run first, in subprocesses, before this process starts Ray.
@@ -190,16 +191,18 @@ def run(progress=print, scale: float = 1.0, repeats: int = REPEATS) -> list[Resu
         torch.set_num_threads(THREADS)
         start_ray(2 * THREADS + 1)
         try:
-            return _cases(Path(tmp), progress, scale, repeats) + results
+            return _cases(Path(tmp), progress, scale, repeats, cases) + results
         finally:
             torch.set_num_threads(threads)
             if started:
                 ray.shutdown()
 
 
-def _cases(tmp: Path, progress, scale: float, repeats: int) -> list[Result]:
+def _cases(tmp: Path, progress, scale: float, repeats: int, only: tuple[str, ...] | None = None) -> list[Result]:
     results: list[Result] = []
     for name, (model_cfg, rows, shape) in CASES.items():
+        if only is not None and name not in only:
+            continue
         prepared = write_classification(tmp / name, max(2_000, int(rows * scale)), 64, 10, shape)
         results += _case(tmp, name, model_cfg, prepared, progress, repeats)
     return results
