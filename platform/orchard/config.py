@@ -221,6 +221,10 @@ class ScalingSpec(_Section):
         "optimizer state over the workers (GPUs via NCCL or CPUs via gloo); checkpoints hold the full weights.")
     max_failures: int = Field(0, ge=-1, le=1000, description="Worker-group restarts from the last checkpoint; -1 = unlimited.")
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="Checkpoints kept (the best one is never dropped).")
+    collective_timeout_s: float = Field(
+        600.0, ge=1, le=86_400, description="A collective (all-reduce, Ray's report barrier) or a worker that "
+        "stops answering for this long fails the worker group (then max_failures applies): a hung rank never "
+        "stalls a job forever.")
 
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "qfedavg",

@@ -117,10 +117,9 @@ def _resumable(spec: JobSpec) -> str:
     from orchard.config import SpecError
     from orchard.tracking import JobRun
 
-    run_id = JobRun.interrupted_run(spec)
+    run_id, why_not = JobRun.resume_target(spec)
     if run_id is None:
-        raise SpecError(f"--resume: no unfinished run of '{spec.name}' with this exact spec "
-                        f"(spec hash {spec.digest()}) in the tracking store")
+        raise SpecError(f"--resume: {why_not}")
     return run_id
 
 

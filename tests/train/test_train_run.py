@@ -22,7 +22,8 @@ def mlp_spec(tmp_path) -> JobSpec:
     })
 
 
-def test_two_workers_learn_digits_and_log_every_epoch(mlp_spec, digits_prepared, tmp_path):
+def test_two_workers_learn_digits_and_log_every_epoch_and_the_same_spec_again_trains_afresh(
+        mlp_spec, digits_prepared, tmp_path):
     job = JobRun(mlp_spec)
     result = run_training(mlp_spec, digits_prepared, job.logger, progress_file=tmp_path / "progress.json")
     job.finish()
@@ -41,3 +42,15 @@ def test_two_workers_learn_digits_and_log_every_epoch(mlp_spec, digits_prepared,
         assert [m.step for m in client.get_metric_history(job.run_id, name)] == [1, 2, 3, 4], name
     assert run.data.metrics["test/accuracy"] == pytest.approx(result.test["test/accuracy"])
     assert run.data.tags["orchard.kind"] == "train"
+
+    # The same spec (same name, same storage) run again after it finished is a new run from epoch 1. Before,
+    # a call without run_name reused "<name>-<spec hash>" and silently resumed the finished run's final
+    # checkpoint: no epoch trained, the old test figures reported again.
+    again = JobRun(mlp_spec)
+    second = run_training(mlp_spec, digits_prepared, again.logger)
+    again.finish()
+    assert [h["epoch"] for h in second.history] == [1, 2, 3, 4]
+    assert "train/resumed_from" not in second.history[0]
+    folder = str(result.extra["checkpoint_path"]).rsplit("/checkpoint_", 1)[0]
+    assert not str(second.extra["checkpoint_path"]).startswith(folder + "/")
+    assert [m.step for m in client.get_metric_history(again.run_id, "train/loss")] == [1, 2, 3, 4]

@@ -4,7 +4,12 @@ Layout of a checkpoint folder::
 
     model.safetensors      the model's full state_dict (unwrapped from DDP, gathered from FSDP shards)
     optimizer.safetensors  every tensor of the optimizer state, keyed "<param index>.<name>"
-    state.json             epoch, metrics, history, optimizer scalars and param_groups
+    state.json             epoch, metrics, history, optimizer scalars and param_groups, and the size of
+                           every other file in the folder: written last, it seals the checkpoint
+
+A checkpoint is complete when state.json exists and every file it lists has the recorded size: a write or a
+copy to storage that was killed half-way is refused on load (``CheckpointError``) and skipped when
+choosing where to resume (``is_complete``). Each file is written under a temporary name and renamed.
 
 The format is the same whatever wrote it: a checkpoint saved by FSDP workers loads into a plain model, and
 one saved by a single process loads into an FSDP-sharded model. Under FSDP (``torch.distributed.fsdp.
@@ -15,6 +20,7 @@ fully_shard``) gathering and loading are collectives: every rank calls ``model_s
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +129,51 @@ def save_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
 
 def write_checkpoint(folder: str | Path, weights: dict[str, torch.Tensor],
                      optim: dict[str, Any] | None = None, state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint into ``folder``; files already there (best weights, test results) are sealed too."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / MODEL_FILE))
+    _atomic(folder / MODEL_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in weights.items()}, tmp))
     meta: dict[str, Any] = dict(state or {})
     if optim is not None:
         tensors, scalars = _split_optimizer_state(optim)
-        save_file(tensors, str(folder / OPTIM_FILE))
+        _atomic(folder / OPTIM_FILE, lambda tmp: save_file(tensors, tmp))
         meta["optimizer"] = scalars
-    (folder / STATE_FILE).write_text(json.dumps(meta, default=_json_default))
+    meta[FILES_KEY] = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+                       if p.is_file() and p.name != STATE_FILE and not p.name.startswith(".")}
+    text = json.dumps(meta, default=_json_default)
+    _atomic(folder / STATE_FILE, lambda tmp: Path(tmp).write_text(text))  # last: the seal
     return folder
+
+
+FILES_KEY = "files"
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a reader never sees half a file under the final name."""
+    tmp = path.with_name(f".{path.name}.partial")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def incomplete(folder: str | Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (missing seal, missing or truncated file), or None."""
+    folder = Path(folder)
+    for name in (MODEL_FILE, STATE_FILE):
+        if not (folder / name).is_file():
+            return f"no {name}"
+    try:
+        files = json.loads((folder / STATE_FILE).read_text()).get(FILES_KEY)
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} unreadable ({exc})"
+    for name, size in (files or {}).items():  # checkpoints from before the seal list no files
+        have = (folder / name).stat().st_size if (folder / name).is_file() else None
+        if have != size:
+            return f"{name} has {have} bytes, {size} were written"
+    return None
+
+
+def is_complete(folder: str | Path) -> bool:
+    return incomplete(folder) is None
 
 
 def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -144,6 +185,9 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
     if not (folder / MODEL_FILE).is_file() or not (folder / STATE_FILE).is_file():
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         raise CheckpointError(f"{folder}: not an Orchard checkpoint (need {MODEL_FILE} and {STATE_FILE}; found {found})")
+    why = incomplete(folder)
+    if why is not None:
+        raise CheckpointError(f"{folder}: incomplete checkpoint ({why}): its write was interrupted")
     state = json.loads((folder / STATE_FILE).read_text())
     reads = not is_sharded(model) or _rank() == 0  # under FSDP the other ranks get rank 0's tensors
     load_model_state(model, load_file(str(folder / MODEL_FILE)) if reads else {})

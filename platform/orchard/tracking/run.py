@@ -112,18 +112,36 @@ class JobRun:
 
     @staticmethod
     def interrupted_run(spec: JobSpec) -> str | None:
-        """The newest unfinished run of this exact spec (same spec hash), for ``orchard run --resume``."""
+        """The run ``orchard run --resume`` continues: see ``resume_target``."""
+        return JobRun.resume_target(spec)[0]
+
+    @staticmethod
+    def resume_target(spec: JobSpec) -> tuple[str | None, str]:
+        """(run id, "") of the newest run of this exact spec (same spec hash) if it did not finish, else
+        (None, why not). A finished run is never resumed, even when an older run of the spec failed: that
+        one was superseded. An unfinished run of the same name but another spec is not resumed either."""
         import mlflow
 
         client = mlflow.tracking.MlflowClient(resolve_uri(spec))
         exp = client.get_experiment_by_name(spec.tracking.experiment or spec.name)
-        if exp is None:
-            return None
         runs = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`orchard.spec_hash` = '{spec.digest()}' and attributes.status != 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0].info.run_id if runs else None
+            [exp.experiment_id], filter_string=f"tags.`orchard.job` = '{spec.name}'",
+            order_by=["attributes.start_time DESC"], max_results=50) if exp is not None else []
+        digest = spec.digest()
+        same = [r for r in runs if r.data.tags.get("orchard.spec_hash") == digest]
+        if same and same[0].info.status != "FINISHED":
+            return same[0].info.run_id, ""
+        if same:
+            return None, (f"the latest run of '{spec.name}' with this spec ({same[0].info.run_id}) finished: "
+                          "nothing to resume; run without --resume to train again as a new run")
+        other = next((r for r in runs if r.info.status != "FINISHED"), None)
+        if other is not None:
+            return None, (f"the unfinished run {other.info.run_id} of '{spec.name}' was started from another "
+                          f"spec (spec hash {other.data.tags.get('orchard.spec_hash')}, this one {digest}): "
+                          "resume it with its own spec (its spec/resolved.yaml artifact), or run without "
+                          "--resume to start a new run")
+        return None, (f"no unfinished run of '{spec.name}' with this exact spec (spec hash {digest}) "
+                      "in the tracking store")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def monitor_system(self, interval_s: float = 5.0) -> None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +77,53 @@ def _progress_callback(logger: MetricLogger | None, progress_file: Path | None):
     return ReportToLogger()
 
 
+def _restart_counter(logger: MetricLogger | None):
+    """Runs on the controller: each worker-group restart is logged as ``train/restarts`` (1, 2, ...)."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+    class CountRestarts(ControllerCallback):
+        restarts = 0
+
+        def before_controller_execute_failure_decision(self, failure_decision):
+            if failure_decision == FailureDecision.RETRY:
+                self.restarts += 1
+                if logger is not None:
+                    logger.log_metrics({"train/restarts": self.restarts}, self.restarts)
+
+    return CountRestarts()
+
+
+# Ray Train V2 reads these on the controller and its workers, passed from the driver's environment at fit().
+_HEALTH_CHECK_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"  # a worker whose status poll hangs is dead
+_BARRIER_ENV = "RAY_TRAIN_COLLECTIVE_TIMEOUT_S"  # ray.train.report's barrier (Ray's default: no timeout)
+
+
+@contextmanager
+def _hang_timeouts(seconds: float):
+    """Bound every wait on another rank: a stopped or deadlocked rank fails the worker group after
+    ``seconds`` instead of stalling it forever. Values the user exported win."""
+    added = [k for k in (_HEALTH_CHECK_ENV, _BARRIER_ENV) if k not in os.environ]
+    for k in added:
+        os.environ[k] = str(seconds)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | None = None, *,
                  progress_file: Path | None = None, run_name: str | None = None) -> RunResult:
     """Fit ``spec`` on ``prepared`` and return the model, its history and test figures.
 
     Per-epoch and test metrics go to ``logger`` (anything picklable with ``log_metrics(metrics, step)``:
     it is called on the Ray Train controller), the latest epoch to ``progress_file``. A ``run_name`` seen
-    before (under ``scaling.storage_path``) resumes from that run's latest checkpoint.
+    before (under ``scaling.storage_path``) resumes from that run's latest checkpoint; without one the run
+    is always fresh.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchard.train.feed import ShardConfig, read_split
     from orchard.train.worker import TEST_FILE, train_loop
@@ -107,22 +147,27 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "manifest": _worker_manifest(spec, prepared)},
+        # The process group's timeout bounds every gloo/NCCL collective: a rank stuck in an all-reduce with
+        # a stopped peer raises after it (torch's default here would be Ray's 1800 s).
+        torch_config=TorchConfig(timeout_s=spec.scaling.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         datasets=datasets,
         # train in equal shards (DDP step counts); val/test in disjoint whole blocks: every row evaluated once.
         dataset_config=ShardConfig(equal=["train"], disjoint=["val", "test"]),
         run_config=RunConfig(
-            name=run_name or f"{spec.name}-{spec.digest()}",
+            # Without a run_name every call is a fresh run: reusing a name resumes that run's checkpoints.
+            name=run_name or f"{spec.name}-{spec.digest()}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=str(Path(spec.scaling.storage_path).resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.scaling.keep_checkpoints),
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
-            callbacks=[_progress_callback(logger, progress_file)],
+            callbacks=[_progress_callback(logger, progress_file), _restart_counter(logger)],
         ),
     )
     log.info("fitting %s with %d worker(s), gpu=%s", spec.name, spec.scaling.num_workers, use_gpu)
     stamps["fit"] = time.time()
-    result = trainer.fit()
+    with _hang_timeouts(spec.scaling.collective_timeout_s):
+        result = trainer.fit()
     stamps["fit_returned"] = time.time()
     out = _collect(spec, prepared, result.checkpoint, TEST_FILE)
     out.extra["startup"] = startup_parts(stamps, out.history, progress_file)

@@ -28,6 +28,7 @@ from orchard.data.manifest import label_dtype as manifest_label_dtype
 from orchard.engine import LoopOptions, build_optimizer, evaluate, make_task, seed_everything, train_epoch
 from orchard.engine.cache import EpochCache, cache_budget
 from orchard.engine.checkpoint import (
+    incomplete,
     is_sharded,
     load_checkpoint,
     load_model_state,
@@ -37,6 +38,7 @@ from orchard.engine.checkpoint import (
 )
 from orchard.engine.early_stopping import EarlyStopper
 from orchard.models import build_model
+from orchard.train import faults
 from orchard.train.feed import tensor_batches
 
 log = logging.getLogger("orchard.train")
@@ -89,6 +91,7 @@ def train_loop(config: dict[str, Any]) -> None:
     val_data = EpochCache(lambda: tensor_batches(val_ds, bs * 4, label_dtype, pin=pin), device, bs * 4,
                           False, val_budget)
     for epoch in range(start, spec.train.epochs + 1):
+        faults.at_epoch_start(epoch, rank)  # a no-op unless a failure test armed it
         t0 = time.perf_counter()
         tr = train_epoch(model, train_data, optimizer, device, task, opts)
         train_s = time.perf_counter() - t0  # train_epoch ends in an all-reduce, so every rank has finished
@@ -139,7 +142,7 @@ def _agreed(budget: int, device: torch.device, world: int) -> int:
 
 def _resume(model: nn.Module, optimizer, opts: LoopOptions, stopper: EarlyStopper):
     """Continue from the latest checkpoint after a worker-group restart or ``orchard run --resume``."""
-    ckpt = ray.train.get_checkpoint()
+    ckpt = _restore_point()
     if ckpt is None:
         return 1, [], None
     from safetensors.torch import load_file
@@ -152,6 +155,26 @@ def _resume(model: nn.Module, optimizer, opts: LoopOptions, stopper: EarlyStoppe
     stopper.load_state(state.get("stopper"))
     history = [h for h in state.get("history", []) if h["epoch"] <= state["epoch"]]
     return state["epoch"] + 1, history, best
+
+
+def _restore_point():
+    """The latest checkpoint Ray holds, or, if its files are incomplete (storage that lost a write), the
+    newest complete one reported before it. Ray registers a checkpoint only after its copy to storage
+    finished, so a worker killed mid-copy leaves an orphan folder that is never offered here."""
+    latest = ray.train.get_checkpoint()
+    if latest is None or _complete(latest):
+        return latest
+    log.warning("checkpoint %s is incomplete: resuming from the newest complete one before it", latest.path)
+    reported = [r.checkpoint for r in ray.train.get_all_reported_checkpoints()]
+    return next((c for c in reversed(reported) if c.path != latest.path and _complete(c)), None)
+
+
+def _complete(ckpt) -> bool:
+    with ckpt.as_directory() as d:
+        why = incomplete(d)
+    if why is not None:
+        log.warning("checkpoint %s: %s", ckpt.path, why)
+    return why is None
 
 
 def _sched_state(opts: LoopOptions) -> dict[str, Any] | None:
@@ -190,9 +213,10 @@ def _report(metrics: dict[str, Any], rank: int, model, optimizer, state: dict[st
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(tmp, weights, optim, state)
         if best is not None:
             save_file({k: v.contiguous() for k, v in best.items()}, str(Path(tmp, BEST_FILE)))
         for name, payload in (extra or {}).items():
             Path(tmp, name).write_text(json.dumps(payload))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        write_checkpoint(tmp, weights, optim, state)  # last: its state.json seals every file in the folder
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_upload_fn=faults.upload_fn(int(metrics["epoch"]), rank))
