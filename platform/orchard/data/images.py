@@ -42,7 +42,8 @@ def check(root: Path, shape: list[int] | None, source: str) -> list[str]:
 
 
 def read(spark: SparkSession, root: Path, shape: list[int]) -> DataFrame:
-    """Raw frame: ``_row`` (by path), ``_line`` (the file's path), ``_problem``, ``_fv`` pixels, ``_y`` (class)."""
+    """Raw frame: ``_row`` (by path), ``_line`` (the file's path), ``_problem``, ``_fv`` (pixels packed as
+    float64, see ``rowparse``), ``_y`` (class)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -50,7 +51,7 @@ def read(spark: SparkSession, root: Path, shape: list[int]) -> DataFrame:
              .option("pathGlobFilter", _GLOB).load(str(root)))
     decode = _decoder(str(root), list(shape))
     decoded = files.select("path", "content").mapInArrow(
-        decode, "path string, label string, problem string, pixels array<float>")
+        decode, "path string, label string, problem string, pixels binary")
     numbered = decoded.select("*", F.row_number().over(Window.orderBy("path")).cast("long").alias("_row"))
     return numbered.select("_row", F.col("path").alias("_line"), F.col("problem").alias("_problem"),
                            F.col("pixels").alias("_fv"), F.col("label").alias("_y"))
@@ -99,7 +100,7 @@ def _decoder(root: str, shape: list[int]):
                 pixels.append(array.reshape(-1))
             yield pa.RecordBatch.from_arrays(
                 [pa.array(paths, pa.string()), pa.array(labels, pa.string()), pa.array(problems, pa.string()),
-                 pa.array([None if p is None else p.tolist() for p in pixels], pa.list_(pa.float32()))],
+                 pa.array([None if p is None else p.astype("<f8").tobytes() for p in pixels], pa.binary())],
                 names=["path", "label", "problem", "pixels"],
             )
 

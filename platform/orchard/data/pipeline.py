@@ -37,7 +37,7 @@ from orchard.data.write import (
 )
 
 log = logging.getLogger("orchard.data")
-PARSED = ("_row long, _reason string, _raw string, _v array<double>, _k array<string>, _lab string, "
+PARSED = ("_row long, _reason string, _raw string, _v binary, _k array<string>, _lab string, "
           "_g string, _s string, _ok boolean")
 
 
@@ -73,7 +73,7 @@ def run(
     target = _target_stats(train) if regression else None
     vocab = categories.fit(train, source.categorical)
     step("fit stats")
-    scaler = rowparse.Scaler(data.normalize, _stat_pair(stats), tuple(tuple(v) for _, v in vocab), regression,
+    scaler = rowparse.Scaler(data.normalize, d, _stat_pair(stats), tuple(tuple(v) for _, v in vocab), regression,
                              group is not None)
     width = d + len(vocab)
     sizes = {s: _write_split(spark, assigned, s, scaler, data.files_per_split, stage, tmp, width)
@@ -158,7 +158,7 @@ def _write_split(spark: SparkSession, assigned: split.Assigned, name: str, scale
         # A range partition per output file, each sorted: the files read in name order give the seeded
         # shuffle order whatever Spark's partitioning. Category indices ride at the end of the float
         # vector (exact below 2**24), so every consumer keeps one tensor column.
-        out = "features array<float>, label " + ("double" if scaler.regression else "bigint")
+        out = "features binary, label " + ("double" if scaler.regression else "bigint")
         out += ", group string" if scaler.grouped else ""
         (rows.repartitionByRange(files, "_order", "_tie").sortWithinPartitions("_order", "_tie")
          .mapInArrow(scaler, out).write.parquet(str(staged)))

@@ -84,11 +84,9 @@ def vector_frame(spark: SparkSession, x, y, splits=None) -> DataFrame:
     import numpy as np
     import pyarrow as pa
 
-    n, d = x.shape
-    flat = pa.array(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
+    n = len(x)
     columns = {"_row": pa.array(np.arange(1, n + 1, dtype=np.int64)), "_line": pa.nulls(n, pa.string()),
-               "_problem": pa.nulls(n, pa.string()),
-               "_fv": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * d), flat),
+               "_problem": pa.nulls(n, pa.string()), "_fv": rowparse.pack(x),
                "_y": pa.array(y.astype(np.int64) if y.dtype.kind in "iub" else y)}
     if y.dtype.kind not in "iubf":
         columns["_y"] = pa.array(y.astype(str))

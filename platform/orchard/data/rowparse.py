@@ -12,8 +12,14 @@ here from ``_line``), a feature vector ``_fv`` (arrays, images) or the feature c
 type), and ``_y`` (label), ``_k0..`` (categorical), ``_g`` (partition column), ``_s`` (source split).
 
 Output columns (``OUTPUT``): ``_row``, ``_reason`` (null = clean), ``_raw`` (only for a quarantined
-row: the record as read), ``_v`` (float64 features, -0.0 written 0.0), ``_k`` (trimmed categorical
-values, a missing one ""), ``_lab`` (trimmed label), ``_g``, ``_s``.
+row: the record as read), ``_v`` (the features, see below), ``_k`` (trimmed categorical values, a
+missing one ""), ``_lab`` (trimmed label), ``_g``, ``_s``.
+
+A feature vector travels through Spark as ONE binary value: the row's float64 features packed
+little-endian (``pack``/``unpack``), -0.0 written 0.0. Spark moves, hashes, groups and compares it as a
+single value (two rows have equal features exactly when their bytes are equal; NaN never gets this far),
+and numpy reads a batch of them without a copy; an ``array<double>`` column would cost Spark's
+writer and shuffle work per element.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-OUTPUT = ("_row long, _reason string, _raw string, _v array<double>, _k array<string>, _lab string, "
+OUTPUT = ("_row long, _reason string, _raw string, _v binary, _k array<string>, _lab string, "
           "_g string, _s string")
 SPLIT_VALUES = ("train", "val", "test")
 # What a numeric field may look like once trimmed (Arrow's cast then reads it); anything else is text.
@@ -92,11 +98,9 @@ class Parser:
             _note(reasons, pc.fill_null(pc.equal(group, ""), True),
                   lambda i: f"empty value in column '{self.group}' (federated.partition_by)")
         x = self._features(batch, values, reasons)
-        ok = np.array([r is None for r in reasons], dtype=bool)
-        raw = self._raw(batch, reasons)
+        raw = self._raw(batch, reasons, x)
         k = _categorical(cats, n)
-        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * x.shape[1], pa.int32())
-        v = pa.ListArray.from_arrays(offsets, pa.array(x.reshape(-1)), mask=pa.array(~ok))
+        v = pack(x)
         return pa.RecordBatch.from_arrays(
             [batch.column("_row"), pa.array(reasons, pa.string()), pa.array(raw, pa.string()), v, k,
              lab.cast(pa.string()), _or_nulls(group, n), _or_nulls(split, n)],
@@ -106,23 +110,12 @@ class Parser:
         """(rows, features) float64; the first unusable value of a row becomes its reason."""
         n, d = batch.num_rows, len(self.features)
         if self.mode == "vector":
-            column = batch.column("_fv")
-            flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float64)
-            sizes = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-            good = np.nan_to_num(sizes, nan=-1) == d
-            x = np.zeros((n, d))
-            if good.all():
-                x = flat.reshape(n, d)
-            else:
-                starts = np.concatenate([[0], np.cumsum(np.nan_to_num(sizes, nan=0))]).astype(np.int64)
-                for i in np.flatnonzero(good):
-                    x[i] = flat[starts[i]:starts[i] + d]
-            x = x.copy()
-            for i in np.flatnonzero(~good):
+            x, sizes = unpack_rows(batch.column("_fv"), d)
+            for i in np.flatnonzero(sizes != d):
                 if reasons[i] is None:
-                    reasons[i] = f"expected {d} feature values, got {sizes[i]}"
+                    reasons[i] = f"expected {d} feature values, got {max(int(sizes[i]), 0)}"
             codes = np.where(np.isfinite(x), 0, _NONFINITE).astype(np.int8)
-            shown = None
+            shown = [_Column(x, i) for i in range(d)]
         else:
             columns = values if values is not None else [batch.column(f"_f{i}") for i in range(d)]
             x = np.empty((n, d))
@@ -140,7 +133,7 @@ class Parser:
                 i = int(first[r])
                 name = self.features[i]
                 kind = int(codes[r, i])
-                value = _shown(shown[i][r].as_py()) if shown is not None else _shown(float(x[r, i]))
+                value = _shown(shown[i][r].as_py())
                 reasons[r] = (f"empty value in column '{name}'" if kind == _EMPTY
                               else f"non-numeric value in column '{name}': {value}" if kind == _TEXT
                               else f"non-finite value in column '{name}': {value}")
@@ -203,7 +196,7 @@ class Parser:
         take = pa.array(at, mask=at < 0)
         return [table.column(c).combine_chunks().take(take) for c in wanted], problem
 
-    def _raw(self, batch: pa.RecordBatch, reasons: list) -> list:
+    def _raw(self, batch: pa.RecordBatch, reasons: list, x: np.ndarray) -> list:
         """The record as read, for the rows that go to quarantine only."""
         bad = [r for r, reason in enumerate(reasons) if reason is not None]
         raw = [None] * batch.num_rows
@@ -216,7 +209,7 @@ class Parser:
             return raw
         names = [*self.features, *self.categorical, self.label, *([self.group] if self.group else []),
                  *([self.split_column] if self.split_column else [])]
-        sources = self._raw_columns(batch)
+        sources = self._raw_columns(batch, x)
         for r in bad:
             if raw[r] is not None:
                 continue
@@ -228,26 +221,24 @@ class Parser:
             raw[r] = json.dumps(record, separators=(",", ":"))
         return raw
 
-    def _raw_columns(self, batch: pa.RecordBatch) -> list:
+    def _raw_columns(self, batch: pa.RecordBatch, x: np.ndarray) -> list:
         cols = batch.schema.names
         if self.mode == "vector":
-            vec = batch.column("_fv")
-            features = [_ListItem(vec, i) for i in range(len(self.features))]
+            features = [_Column(x, i) for i in range(len(self.features))]
         else:
             features = [batch.column(f"_f{i}") for i in range(len(self.features))]
         return [*features, *[batch.column(f"_k{j}") for j in range(len(self.categorical))], batch.column("_y"),
                 *([batch.column("_g")] if self.group else []), *([batch.column("_s")] if "_s" in cols else [])]
 
 
-class _ListItem:
-    """Item i of each row of a list column, indexable by row like an Arrow array."""
+class _Column:
+    """Column i of a float matrix, indexable by row like an Arrow array."""
 
-    def __init__(self, column: pa.Array, i: int):
-        self.column, self.i = column, i
+    def __init__(self, x: np.ndarray, i: int):
+        self.x, self.i = x, i
 
     def __getitem__(self, r):
-        row = self.column[r].as_py()
-        return _Scalar(None if row is None or len(row) <= self.i else row[self.i])
+        return _Scalar(float(self.x[r, self.i]))
 
 
 @dataclass
@@ -256,6 +247,50 @@ class _Scalar:
 
     def as_py(self):
         return self.value
+
+
+def pack(x: np.ndarray) -> pa.Array:
+    """Rows of a float matrix as one binary value each (float64, little-endian)."""
+    n, d = x.shape
+    data = np.ascontiguousarray(x, dtype="<f8")
+    offsets = np.arange(n + 1, dtype=np.int32) * (8 * d)
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def unpack(column: pa.Array, d: int, dtype: str = "<f8") -> np.ndarray:
+    """A binary column of packed rows (all of width d) as an (n, d) matrix, without copying."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, d), dtype=dtype)
+    _, offsets, data = column.buffers()
+    start = np.frombuffer(offsets, dtype=np.int32, count=1, offset=column.offset * 4)[0]
+    return np.frombuffer(data, dtype=dtype, count=n * d, offset=int(start)).reshape(n, d)
+
+
+def unpack_rows(column: pa.Array, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Feature vectors given as packed binary or as lists: an (n, d) float64 matrix and each row's length.
+
+    A row of the wrong length (or null) is left as zeros; the caller quarantines it by its length.
+    """
+    n = len(column)
+    if pa.types.is_binary(column.type):
+        sizes = pc.fill_null(pc.binary_length(column), -8).to_numpy(zero_copy_only=False) // 8
+        if (sizes == d).all():
+            return unpack(column, d).copy(), sizes
+        x = np.zeros((n, d))
+        for i in np.flatnonzero(sizes == d):
+            x[i] = np.frombuffer(column[i].as_py(), dtype="<f8")
+        return x, sizes
+    sizes = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    if (sizes == d).all():
+        return flat.reshape(n, d), sizes
+    x = np.zeros((n, d))
+    starts = np.concatenate([[0], np.cumsum(np.maximum(sizes, 0))])
+    for i in np.flatnonzero(sizes == d):
+        x[i] = flat[starts[i]:starts[i] + d]
+    return x, sizes
 
 
 def _column(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -356,11 +391,15 @@ def _quoting_problem(line: str, width: int) -> str | None:
 class Scaler:
     """Rows of one split to the contract's values: scaled float32 features (+ category codes), label, group.
 
+    The features leave packed too (float32, little-endian): ``write.finish_split`` turns them into the
+    contract's ``fixed_size_list<float32>`` column without Spark touching each value.
+
     ``stats`` are the training split's (see ``normalize``): a zero scale counts as 1. Category code 0
     is a value the training split never saw; known values are 1 + their position in ``vocab``.
     """
 
     method: str
+    width: int  # numeric features per packed row
     stats: tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) or (min, max)
     vocab: tuple[tuple[str, ...], ...] = ()
     regression: bool = False
@@ -372,10 +411,7 @@ class Scaler:
 
     def scale(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         n = batch.num_rows
-        v = batch.column("_v")
-        d = len(self.stats[0]) if self.method != "none" else None
-        flat = pc.list_flatten(v).to_numpy(zero_copy_only=False)
-        x = flat.reshape(n, -1) if n else flat.reshape(0, d or 0)
+        x = unpack(batch.column("_v"), self.width)
         if self.method == "standard":
             mean, std = (np.asarray(s) for s in self.stats)
             x = (x - mean) / np.where(std == 0, 1.0, std)
@@ -390,13 +426,52 @@ class Scaler:
                 found = pc.index_in(item, value_set=pa.array(values, pa.string())) if values else pa.nulls(n, pa.int32())
                 codes.append(pc.fill_null(pc.add(found, 1), 0).to_numpy(zero_copy_only=False))
             x = np.concatenate([x, np.stack(codes, axis=1).astype(np.float64)], axis=1)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        width = x.shape[1]
-        features = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * width, pa.int32()),
-                                            pa.array(x.reshape(-1)))
+        x = np.ascontiguousarray(x, dtype="<f4")
+        offsets = np.arange(n + 1, dtype=np.int32) * (4 * x.shape[1])
+        features = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(x)])
         label = batch.column("label").cast(pa.float64() if self.regression else pa.int64())
         columns, names = [features, label], ["features", "label"]
         if self.grouped:
             columns.append(batch.column("_g").cast(pa.string()))
             names.append("group")
         return pa.RecordBatch.from_arrays(columns, names=names)
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per batch of packed rows: count, mean, sum of squared deviations, min and max of each feature.
+
+    The driver merges the batches' figures (``merge``, Chan et al.'s pairwise update): one streaming pass
+    in float64, whatever the width, with nothing but these few numbers per batch leaving the workers.
+    """
+
+    width: int
+    SCHEMA = "n long, mean binary, m2 binary, low binary, high binary"
+
+    def __call__(self, batches):
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            x = unpack(batch.column("_v"), self.width)
+            mean = x.mean(axis=0)
+            m2 = ((x - mean) ** 2).sum(axis=0)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array([len(x)], pa.int64()), *(pa.array([np.ascontiguousarray(v, "<f8").tobytes()], pa.binary())
+                                                    for v in (mean, m2, x.min(axis=0), x.max(axis=0)))],
+                names=["n", "mean", "m2", "low", "high"])
+
+
+def merge(parts: list, width: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(n, mean, m2, min, max) of the whole from ``Moments`` rows (dicts or Rows with those fields)."""
+    n, mean, m2 = 0, np.zeros(width), np.zeros(width)
+    low, high = np.full(width, np.inf), np.full(width, -np.inf)
+    for p in parts:
+        k = int(p["n"])
+        pm, pm2 = np.frombuffer(p["mean"], "<f8"), np.frombuffer(p["m2"], "<f8")
+        delta = pm - mean
+        total = n + k
+        mean = mean + delta * (k / total)
+        m2 = m2 + pm2 + delta**2 * (n * k / total)
+        n = total
+        low, high = np.minimum(low, np.frombuffer(p["low"], "<f8")), np.maximum(high, np.frombuffer(p["high"], "<f8"))
+    return n, mean, m2, low, high

@@ -83,8 +83,13 @@ def finish_split(staged: Path, out: Path, feature_dim: int, regression: bool = F
 
 
 def _contract_batch(batch: pa.RecordBatch, schema: pa.Schema, feature_dim: int) -> pa.RecordBatch:
-    features = pc.list_flatten(batch.column(FEATURES_COL)).cast(pa.float32())
-    columns = [pa.FixedSizeListArray.from_arrays(features, feature_dim)]
+    # Spark's rows carry the features packed (float32, little-endian; see rowparse.Scaler).
+    packed = batch.column(FEATURES_COL)
+    n = len(packed)
+    _, offsets, data = packed.buffers()
+    start = int(np.frombuffer(offsets, np.int32, count=1, offset=packed.offset * 4)[0]) if n else 0
+    flat = np.frombuffer(data, "<f4", count=n * feature_dim, offset=start) if n else np.zeros(0, np.float32)
+    columns = [pa.FixedSizeListArray.from_arrays(pa.array(flat), feature_dim)]
     columns += [batch.column(f.name).cast(f.type) for f in list(schema)[1:]]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
