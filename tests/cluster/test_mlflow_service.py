@@ -10,6 +10,7 @@ the server `mlflow` (as the Ray and Flower containers do) pass MLflow's host che
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shlex
@@ -63,9 +64,13 @@ def _call(port: int, path: str, host: str, user: str | None = None, password: st
         return 0
 
 
-@pytest.fixture
-def mlflow_service(tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_service(tmp_path_factory):
+    """One server for this module's tests (a start costs ~25 s here). Yields (port, auth dir); the bucket
+    (the artifact root) is ``bucket`` beside the auth dir."""
     from sqlalchemy.engine.url import make_url
+
+    tmp_path = tmp_path_factory.mktemp("mlflow-service")
 
     try:
         import flask_wtf  # noqa: F401
@@ -149,3 +154,121 @@ def test_image_auth_config_reads_back_as_mlflow_expects(tmp_path, monkeypatch):
     assert cfg.database_uri == "sqlite:////var/lib/mlflow/basic_auth.db"
     assert (cfg.admin_username, cfg.admin_password) == ("admin", SECRETS["MLFLOW_ADMIN_PASSWORD"])
     assert re.fullmatch(r"READ|EDIT|MANAGE|NO_PERMISSIONS", cfg.default_permission)
+
+
+# -- hostile input: path traversal against the artifact routes and model-version sources ------------------
+# MLflow's published path-traversal / local-file-read advisories (GHSA for CVE-2023-1177, CVE-2023-2780,
+# CVE-2023-6909, CVE-2023-6831, CVE-2023-6975, CVE-2023-6976, CVE-2024-1483, CVE-2024-1558, CVE-2024-1594,
+# CVE-2024-3848 ...) are all fixed in 2.x releases (the latest of them in 2.12); the pinned server is MLflow
+# 3.17.2 (pyproject.toml), above every one. This test does not trust that: it throws the advisories' shapes
+# of input at the running compose service and checks what comes back and what lands on disk.
+UP = ("../", "%2e%2e/", "%252e%252e/", "..%2f", "%2e%2e%2f", "..;/", "..%5c", "..\\")
+
+
+def _raw(port: int, method: str, target: str, body: bytes | None = None, host: str = "localhost",
+         auth: tuple[str, str] | None = None, ctype: str = "application/json") -> tuple[int, bytes]:
+    """One request with the target sent byte for byte: urllib3 would resolve the dot segments itself."""
+    import http.client
+
+    headers = {"Host": host, "Content-Type": ctype}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, target, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _tree(root: Path, skip: set[Path]) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and not any(p == s or s in p.parents for s in skip)}
+
+
+def _traversal_corpus(base: Path, run_id: str, token: str) -> list[tuple[str, str, bytes | None]]:
+    """(method, target, body) tuples; every one names a file outside the artifact root ``base/bucket``."""
+    secret = base / "secret.txt"
+    rels = [up * depth + name for up in UP for depth in range(1, 6) for name in ("secret.txt", "auth/basic_auth.db")]
+    rels += [f"x#/{r}" for r in rels[:10]] + [f"x%23/{r}" for r in rels[:10]] + [f"x;/{r}" for r in rels[:10]]
+    absolute = [str(secret), f"file://{secret}", f"file:///{secret}", f"file:{secret}", f"//{secret}",
+                f"%2f{str(secret)[1:]}", f"file:%2f%2f{secret}"]
+    planted = f"planted-{token}.txt"
+    calls: list[tuple[str, str, bytes | None]] = []
+    for path in rels + absolute:
+        calls += [
+            ("GET", f"/get-artifact?run_id={run_id}&path={path}", None),
+            ("GET", f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path={path}", None),
+            ("GET", f"/api/2.0/mlflow-artifacts/artifacts/{path}", None),
+            ("GET", f"/api/2.0/mlflow-artifacts/artifacts?path={path}", None),
+            ("GET", f"/model-versions/get-artifact?name=traversal&version=1&path={path}", None),
+        ]
+    for path in rels[::2] + absolute:
+        dest = path.replace("secret.txt", planted).replace("auth/basic_auth.db", planted)
+        calls.append(("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{dest}", token.encode()))
+    sources = [f"file://{base}", f"file://{secret}", str(base), f"file:///{base}#", f"file://{base}/bucket#/../..",
+               f"file://{base}/bucket/../", f"file://{base};/secret.txt", "mlflow-artifacts:/../..",
+               "mlflow-artifacts:/%2e%2e/%2e%2e", "mlflow-artifacts:/%252e%252e/%252e%252e", "mlflow-artifacts:/x#/../..",
+               f"runs:/{run_id}/../../../..", f"runs:/{run_id}/%2e%2e/%2e%2e/%2e%2e", f"runs:/{run_id}/x#/../../..",
+               f"file:%2f%2f{base}", f"//{base}", "file:///etc", "/etc/passwd"]
+    sources += [f"mlflow-artifacts:/{up * 4}" for up in UP]
+    for i, location in enumerate([*sources, f"http:///#/..{base}", f"http:///#/../../../../../..{base}"]):
+        # CVE-2024-1483 / CVE-2024-3848: an experiment whose artifact root is outside the bucket.
+        body = json.dumps({"name": f"traversal-{token[:6]}-{i}", "artifact_location": location}).encode()
+        calls.append(("POST", "/api/2.0/mlflow/experiments/create", body))
+    for source in sources:
+        body = json.dumps({"name": "traversal", "source": source, "run_id": run_id}).encode()
+        calls.append(("POST", "/api/2.0/mlflow/model-versions/create", body))
+        calls.append(("POST", "/api/2.0/mlflow/model-versions/create",  # without a run to check against
+                      json.dumps({"name": "traversal", "source": source}).encode()))
+    return calls
+
+
+@pytest.mark.slow
+def test_compose_mlflow_service_refuses_a_path_traversal_corpus_and_reads_no_byte_outside_its_root(
+        mlflow_service, monkeypatch, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    port, auth_dir = mlflow_service
+    base = auth_dir.parent
+    admin = ("admin", SECRETS["MLFLOW_ADMIN_PASSWORD"])
+    token = uuid.uuid4().hex
+    (base / "secret.txt").write_text(f"ORCHARD-SECRET-{token}")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
+    client = MlflowClient(f"http://localhost:{port}")
+    exp = client.create_experiment(f"traversal-{token[:6]}")
+    run_id = client.create_run(exp).info.run_id
+    client.log_text(run_id, "inside the root", "ok.txt")
+    client.create_registered_model("traversal")
+    client.create_model_version("traversal", f"runs:/{run_id}/ok.txt", run_id)  # version 1, a legal one
+    assert _raw(port, "GET", f"/get-artifact?run_id={run_id}&path=ok.txt", auth=admin) == (200, b"inside the root")
+
+    before = _tree(base, {base / "bucket", auth_dir, base / "mlflow.log"})
+    calls = _traversal_corpus(base, run_id, token)
+    refused, answers = 0, {}
+    for method, target, body in calls:
+        status, data = _raw(port, method, target, body, auth=admin)
+        answers[(method, target, body)] = status
+        assert token.encode() not in data and b"SQLite format 3" not in data, f"{method} {target} leaked"
+        refused += 400 <= status < 500
+    # Any experiment that did get made must not serve the secret through a run of its own.
+    for exp_ in client.search_experiments():
+        if exp_.experiment_id != exp and exp_.name.startswith(f"traversal-{token[:6]}-"):
+            rid = client.create_run(exp_.experiment_id).info.run_id
+            for target in (f"/get-artifact?run_id={rid}&path=secret.txt",
+                           f"/api/2.0/mlflow/artifacts/list?run_id={rid}"):
+                status, data = _raw(port, "GET", target, auth=admin)
+                assert token.encode() not in data and b"secret.txt" not in data, f"{exp_.artifact_location} leaked"
+    after = _tree(base, {base / "bucket", auth_dir, base / "mlflow.log"})
+    assert after == before, "a file outside the artifact root was created or changed"
+    assert not [p for p in base.rglob(f"*{token}*")], "an upload landed outside the artifact root"
+    versions = client.search_model_versions("name='traversal'")
+    assert [v.version for v in versions] == ["1"], [v.source for v in versions]
+    accepted = {k: v for k, v in answers.items() if not 400 <= v < 500}
+    print(f"path traversal: {refused}/{len(calls)} attempts refused")
+    assert not accepted, accepted
+    # A foreign Host is refused even with valid credentials and a legal path (DNS rebinding).
+    assert _raw(port, "GET", f"/get-artifact?run_id={run_id}&path=ok.txt", host="evil.example",
+                auth=admin)[0] in (400, 403)
