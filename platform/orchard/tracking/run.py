@@ -148,7 +148,8 @@ class JobRun:
         buf = self.logger.buffer
         grace = 0.0 if self._gave_up else self.spec.tracking.outage_grace_s
         deadline = time.monotonic() + grace
-        if drain(buf, self.uri, grace):
+        drained = drain(buf, self.uri, grace)
+        if drained:
             try:
                 send_terminated(self.uri, self.run_id, status, int(time.time() * 1000))
                 buf.remove()
@@ -159,9 +160,9 @@ class JobRun:
         with buf.locked():
             buf.append({"uri": self.uri, "run_id": self.run_id, "terminate": status,
                         "end_time": int(time.time() * 1000)})
-        # The server (or its database, restarting) may have failed only this one call: retry the
-        # closing status through the buffer for what is left of the grace, not leave the run RUNNING.
-        if drain(buf, self.uri, max(0.0, deadline - time.monotonic())):
+        # The server (or its database, restarting) failed only the closing call: retry it through the
+        # buffer for what is left of the grace rather than leave the run RUNNING.
+        if drained and drain(buf, self.uri, max(0.0, deadline - time.monotonic())):
             buf.remove()
             return
         announce_outage(buf, self.uri)
