@@ -10,6 +10,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.cli.test_cli import ROOT, orchard
+from tests.tracking.leaks import leaks, secret_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +25,9 @@ def _only_run(uri: str, experiment: str):
 
 def test_digits_cnn_job_leaves_one_complete_mlflow_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
+    secrets = secret_env()  # credentials in the job's environment: none may reach the run (issue 13)
     out = orchard("run", str(ROOT / "jobs/digits-cnn.yaml"), "--set", "train.epochs=6", cwd=tmp_path,
-                  env_extra={"MLFLOW_TRACKING_URI": uri})
+                  env_extra={"MLFLOW_TRACKING_URI": uri, **secrets})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, run = _only_run(uri, "digits-cnn")
     assert run.info.status == "FINISHED"
@@ -57,6 +59,12 @@ def test_digits_cnn_job_leaves_one_complete_mlflow_run(tmp_path):
         mlflow.set_tracking_uri(previous)
     preds = np.asarray(model.predict(np.zeros((3, 64), dtype=np.float32)))
     assert preds.shape == (3, 10)
+
+    (engine_log,) = tmp_path.glob(".orchard/runs/digits-cnn-*/engine.log")
+    texts = {"stdout": out.stdout, "stderr": out.stderr, "engine.log": engine_log.read_text()}
+    found, searched = leaks(uri, run.info.run_id, secrets, texts, tmp_path / "scan")
+    print(f"secrets: {len(secrets)} values searched in {searched} places, found in {len(found)}")
+    assert not found, found
 
 
 def _breast_cancer_csv_with_bad_rows(path: Path) -> tuple[int, int]:

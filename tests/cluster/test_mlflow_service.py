@@ -10,6 +10,7 @@ the server `mlflow` (as the Ray and Flower containers do) pass MLflow's host che
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shlex
@@ -63,9 +64,13 @@ def _call(port: int, path: str, host: str, user: str | None = None, password: st
         return 0
 
 
-@pytest.fixture
-def mlflow_service(tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_service(tmp_path_factory):
+    """One server for this module's tests (a start costs ~25 s here). Yields (port, auth dir); the bucket
+    (the artifact root) is ``bucket`` beside the auth dir."""
     from sqlalchemy.engine.url import make_url
+
+    tmp_path = tmp_path_factory.mktemp("mlflow-service")
 
     try:
         import flask_wtf  # noqa: F401
@@ -101,7 +106,7 @@ def mlflow_service(tmp_path):
     proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # the server forks workers: stop the whole group
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a start takes ~25 s alone, minutes on a busy 2-core box
         while _call(port, "/health", "localhost") != 200:
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
@@ -149,3 +154,134 @@ def test_image_auth_config_reads_back_as_mlflow_expects(tmp_path, monkeypatch):
     assert cfg.database_uri == "sqlite:////var/lib/mlflow/basic_auth.db"
     assert (cfg.admin_username, cfg.admin_password) == ("admin", SECRETS["MLFLOW_ADMIN_PASSWORD"])
     assert re.fullmatch(r"READ|EDIT|MANAGE|NO_PERMISSIONS", cfg.default_permission)
+
+
+# -- hostile input: path traversal against the artifact routes and model-version sources ------------------
+# MLflow's published path-traversal / local-file-read advisories (GHSA for CVE-2023-1177, CVE-2023-2780,
+# CVE-2023-6909, CVE-2023-6831, CVE-2023-6975, CVE-2023-6976, CVE-2024-1483, CVE-2024-1558, CVE-2024-1594,
+# CVE-2024-3848 ...) are all fixed in 2.x releases (the latest of them in 2.12); the pinned server is MLflow
+# 3.17.2 (pyproject.toml), above every one. This test does not trust that: it throws the advisories' shapes
+# of input at the running compose service and checks what comes back and what lands on disk.
+UP = ("../", "%2e%2e/", "%252e%252e/", "..%2f", "..;/", "..\\")
+
+
+def _raw(port: int, method: str, target: str, body: bytes | None = None, host: str = "localhost",
+         auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+    """One request with the target sent byte for byte: urllib3 would resolve the dot segments itself."""
+    import http.client
+
+    headers = {"Host": host, "Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, target, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _tree(root: Path, skip: set[Path]) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and not any(p == s or s in p.parents for s in skip)}
+
+
+def _traversal_corpus(base: Path, run_id: str, token: str) -> list[tuple[str, str, bytes | None]]:
+    """(method, target, body) tuples; each names a file outside the artifact root ``base/bucket``.
+
+    Depth 1 climbs out of the bucket (the mlflow-artifacts routes' root), depth 4 out of a run's artifact
+    folder (``bucket/<experiment>/<run>/artifacts``). Kept to ~140 calls: each one checks a password hash.
+    """
+    secret = base / "secret.txt"
+    rels = [up * depth + "secret.txt" for up in UP for depth in (1, 4)]
+    rels += ["x#/../../../../secret.txt", "x;/../../../../secret.txt", "%2e%2e/auth/basic_auth.db"]
+    absolute = [str(secret), f"file://{secret}", f"%2f{str(secret)[1:]}"]
+    calls: list[tuple[str, str, bytes | None]] = []
+    for path in rels + absolute:
+        calls += [
+            ("GET", f"/get-artifact?run_id={run_id}&path={path}", None),
+            ("GET", f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path={path}", None),
+            ("GET", f"/api/2.0/mlflow-artifacts/artifacts/{path}", None),
+            ("GET", f"/api/2.0/mlflow-artifacts/artifacts?path={path}", None),
+            ("GET", f"/model-versions/get-artifact?name=traversal&version=1&path={path}", None),
+        ]
+        dest = path.replace("secret.txt", f"planted-{token}.txt")
+        if dest != path:
+            calls.append(("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{dest}", token.encode()))
+    sources = [f"file://{base}", str(base), f"file:///{base}#", f"file://{base}/bucket#/../..", "file:///etc",
+               f"runs:/{run_id}/x#/../../..", f"//{base}", f"http:///#/../../../../../..{base}"]
+    sources += [f"mlflow-artifacts:/{up * 2}" for up in UP[:4]] + [f"runs:/{run_id}/{up * 4}" for up in UP[:2]]
+    for i, source in enumerate(sources):
+        # CVE-2024-1483 / CVE-2024-3848: an experiment whose artifact root is outside the bucket.
+        body = json.dumps({"name": f"traversal-{token[:6]}-{i}", "artifact_location": source}).encode()
+        calls.append(("POST", "/api/2.0/mlflow/experiments/create", body))
+        # CVE-2023-1177 and its bypasses: a model version whose source is outside the bucket.
+        body = json.dumps({"name": "traversal", "source": source, "run_id": run_id}).encode()
+        calls.append(("POST", "/api/2.0/mlflow/model-versions/create", body))
+    return calls
+
+
+@pytest.mark.slow
+def test_compose_mlflow_service_refuses_a_path_traversal_corpus_and_reads_no_byte_outside_its_root(
+        mlflow_service, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    port, auth_dir = mlflow_service
+    base = auth_dir.parent
+    admin = ("admin", SECRETS["MLFLOW_ADMIN_PASSWORD"])
+    token = uuid.uuid4().hex
+    (base / "secret.txt").write_text(f"ORCHARD-SECRET-{token}")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
+    client = MlflowClient(f"http://localhost:{port}")
+    exp = client.create_experiment(f"traversal-{token[:6]}")
+    run_id = client.create_run(exp).info.run_id
+    client.log_text(run_id, "inside the root", "ok.txt")
+    client.create_registered_model("traversal")
+    client.create_model_version("traversal", f"runs:/{run_id}/ok.txt", run_id)  # version 1, a legal one
+    assert _raw(port, "GET", f"/get-artifact?run_id={run_id}&path=ok.txt", auth=admin) == (200, b"inside the root")
+
+    skip = {base / "bucket", auth_dir, base / "mlflow.log"}
+    before = _tree(base, skip)
+    calls = _traversal_corpus(base, run_id, token)
+    accepted, leaked = [], []
+    for method, target, body in calls:
+        status, data = _raw(port, method, target, body, auth=admin)
+        if not 400 <= status < 500:
+            accepted.append((status, method, target, body))
+        if token.encode() in data or b"SQLite format 3" in data:
+            leaked.append((method, target, body))
+    # Whatever got through must still serve nothing from outside: read through it the legal way.
+    for exp_ in client.search_experiments(filter_string=f"name LIKE 'traversal-{token[:6]}-%'"):
+        rid = client.create_run(exp_.experiment_id).info.run_id
+        uri = client.get_run(rid).info.artifact_uri
+        if uri.startswith("mlflow-artifacts:"):  # the server writes these: one upload, where it lands is checked below
+            path = uri.split(":", 1)[1].lstrip("/")
+            _raw(port, "PUT", f"/api/2.0/mlflow-artifacts/artifacts/{path}/probe-{token}.txt", token.encode(), auth=admin)
+        for target in (f"/api/2.0/mlflow/artifacts/list?run_id={rid}", f"/get-artifact?run_id={rid}&path=../../secret.txt"):
+            status, data = _raw(port, "GET", target, auth=admin)
+            if token.encode() in data or b'"secret.txt"' in data:
+                leaked.append(("GET", target, exp_.artifact_location))
+    for v in client.search_model_versions("name='traversal'"):
+        status, data = _raw(port, "GET", f"/model-versions/get-artifact?name=traversal&version={v.version}"
+                                         "&path=secret.txt", auth=admin)
+        if token.encode() in data:
+            leaked.append(("GET", f"version {v.version}", v.source))
+    refused = len(calls) - len(accepted)
+    print(f"path traversal: {refused}/{len(calls)} attempts refused; accepted: {accepted}")
+    assert not leaked, leaked
+    assert _tree(base, skip) == before, "a file outside the artifact root was created or changed"
+    escaped = [p for d in (base.parent, *base.parents[1:3]) for p in d.glob(f"**/*{token}*" if d == base.parent
+                                                                         else f"*{token}*")]
+    assert not [p for p in escaped if base / "bucket" not in p.parents], "an upload landed outside the root"
+    # What MLflow 3.17.2 lets through, each checked harmless above: `;` and backslash are plain characters of
+    # a POSIX file name and `#` cuts the URL, so `..;/x`, `..<backslash>x` and `x#/../x` name files inside the
+    # root (listed as empty folders, or written as `bucket/..<backslash>x`, `bucket/x`); experiments/create takes any
+    # artifact_location by design, but a run of such an experiment reads only below <location>/<run_id>.
+    # Every `../`, `%2e%2e/`, `%252e%252e/`, `..%2f` and absolute path is refused with a 4xx.
+    harmless = [a for a in accepted if any(c in a[2] for c in ";\\#") or a[2].endswith("/experiments/create")]
+    assert harmless == accepted, [a for a in accepted if a not in harmless]
+    # A foreign Host is refused even with valid credentials and a legal path (DNS rebinding).
+    assert _raw(port, "GET", f"/get-artifact?run_id={run_id}&path=ok.txt", host="evil.example",
+                auth=admin)[0] in (400, 403)

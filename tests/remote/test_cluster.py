@@ -19,6 +19,7 @@ import pytest
 
 from orchard.remote import services
 from tests.net import free_port, kill_strays, stop_group, wait_for
+from tests.tracking.leaks import leaks, secret_env
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,9 +121,12 @@ def test_submit_follow_succeeds_and_the_run_lands_in_the_mlflow_server(stack, tm
     from mlflow.tracking import MlflowClient
 
     experiment = f"cluster-{uuid.uuid4().hex[:6]}"
+    # The submitter's credentials (MLflow's password travels to the job in its runtime env; the cluster has
+    # no token auth, so the Ray token is carried but unused): none may surface anywhere (issue 13).
+    secrets = secret_env()
     out = orchard("submit", "jobs/digits-cnn.yaml", "--address", stack.dashboard, "--follow",
                   "--set", "train.epochs=2", "--set", "scaling.num_workers=2", "--set", f"tracking.experiment={experiment}",
-                  env={"MLFLOW_TRACKING_URI": stack.mlflow})
+                  env={"MLFLOW_TRACKING_URI": stack.mlflow, **secrets})
     print(out.stdout[-3000:], out.stderr[-2000:])
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "submitted" in out.stdout and "SUCCEEDED" in out.stdout
@@ -142,6 +146,16 @@ def test_submit_follow_succeeds_and_the_run_lands_in_the_mlflow_server(stack, tm
                                tracking_uri=stack.mlflow)
     assert (Path(local) / "MLmodel").exists()
     assert any(p.stat().st_size > 10_000 for p in Path(local).rglob("*") if p.is_file())  # the weights
+
+    job_id = next(w for w in out.stdout.split() if w.startswith("raysubmit_"))
+    logs = orchard("jobs", "logs", job_id, "--address", stack.dashboard, env=secrets)
+    assert logs.returncode == 0 and "orchard run digits-cnn" in logs.stdout
+    texts = {"submit --follow": out.stdout + out.stderr, "jobs logs": logs.stdout + logs.stderr}
+    texts |= {str(p): p.read_text(errors="replace") for p in Path(stack.tmp).rglob(".orchard/runs/*/engine.log")}
+    assert len(texts) > 2, "the engine log of the shipped job is searched too"
+    found, searched = leaks(stack.mlflow, run.info.run_id, secrets, texts, tmp_path / "scan")
+    print(f"secrets: {len(secrets)} values searched in {searched} places, found in {len(found)}")
+    assert not found, found
 
 
 def test_a_failed_job_makes_follow_exit_non_zero(stack):

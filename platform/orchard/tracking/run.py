@@ -165,7 +165,9 @@ class JobRun:
             self._watch.stop()
         buf = self.logger.buffer
         grace = 0.0 if self._gave_up else self.spec.tracking.outage_grace_s
-        if drain(buf, self.uri, grace):
+        deadline = time.monotonic() + grace
+        drained = drain(buf, self.uri, grace)
+        if drained:
             try:
                 send_terminated(self.uri, self.run_id, status, int(time.time() * 1000))
                 buf.remove()
@@ -176,6 +178,11 @@ class JobRun:
         with buf.locked():
             buf.append({"uri": self.uri, "run_id": self.run_id, "terminate": status,
                         "end_time": int(time.time() * 1000)})
+        # The server (or its database, restarting) failed only the closing call: retry it through the
+        # buffer for what is left of the grace rather than leave the run RUNNING.
+        if drained and drain(buf, self.uri, max(0.0, deadline - time.monotonic())):
+            buf.remove()
+            return
         announce_outage(buf, self.uri)
         _log.warning("tracking server still unreachable after %.0f s: run %s is not closed and %d metrics "
                      "are kept in %s; sync them later with: %s", grace, self.run_id, buf.metric_count(),
