@@ -52,9 +52,11 @@ def run(
     regression = task_of(source, data) == "regression"
     stage = tmp / SPARK_DIR
     step = _Steps()
-    raw, sampled = _sampled(readers.read(spark, source, group), data)
+    raw = readers.read(spark, source, group)
     step("number rows")
-    parsed = _stage_parsed(spark, readers.parse(raw, source, regression, group), stage / "parsed")
+    # data.sample picks rows by a hash of their number, so sampling the parsed rows keeps the same ones.
+    rows, sampled = _sampled(readers.parse(raw, source, regression, group), data)
+    parsed = _stage_parsed(spark, rows, stage / "parsed")
     step("parse")
     good, bad = parsed.filter(F.col("_ok")), parsed.filter(~F.col("_ok"))
     tally = clean.tally(good, bad, source, regression, data.task == "auto")
@@ -62,7 +64,9 @@ def run(
     step("tally")
     assigned = split.assign(spark, clean.indexed(good, tally, regression), data.split, not regression, stage,
                             len(tally.classes))
+    # What later steps no longer read leaves the disk now: at 50M rows each staged copy is gigabytes.
     shutil.rmtree(stage / "vectors", ignore_errors=True)
+    shutil.rmtree(stage / "parsed" / "_ok=true", ignore_errors=True)
     step("dedupe and split")
     overlap = assigned.overlap
     if overlap["conflicting_labels"]:
@@ -124,12 +128,14 @@ class _Steps:
 
 def _stage_parsed(spark: SparkSession, parsed: DataFrame, path: Path) -> DataFrame:
     """Write the parsed rows once (clean and quarantined in their own folders); later steps read this."""
-    parsed.withColumn("_ok", F.col("_reason").isNull()).write.partitionBy("_ok").parquet(str(path))
+    # lz4: staging is read back once or twice and deleted; it favours speed over size.
+    (parsed.withColumn("_ok", F.col("_reason").isNull()).write.option("compression", "lz4")
+     .partitionBy("_ok").parquet(str(path)))
     return spark.read.schema(PARSED).parquet(str(path))
 
 
 def _sampled(raw: DataFrame, data: DataSpec) -> tuple[DataFrame, dict | None]:
-    """``raw`` after ``data.sample``, and what the manifest records of it."""
+    """``raw`` (rows with ``_row``) after ``data.sample``, and what the manifest records of it."""
     if data.sample is None:
         return raw, None
     before = raw.count()

@@ -64,8 +64,9 @@ def parse(raw: DataFrame, source: Source, regression: bool, group: str | None) -
                                  split_column, width=len(source.columns), index=tuple(index[c] for c in wanted))
     else:
         mode = "vector" if "_fv" in raw.columns else "columns"
+        pieces = "_path" in raw.columns
         parser = rowparse.Parser(mode, source.features, source.label, source.categorical, regression, group,
-                                 split_column if "_s" in raw.columns else None)
+                                 split_column if pieces or "_s" in raw.columns else None)
     return raw.mapInArrow(parser, rowparse.OUTPUT)
 
 
@@ -158,6 +159,12 @@ def _records(spark: SparkSession, lines: DataFrame, marks: list[tuple[int, bool,
 
 
 def _read_parquet(spark: SparkSession, source: Source, group: str | None) -> DataFrame:
+    pieces = None if source.remote else _parquet_pieces(Path(source.location), source, group)
+    if pieces is not None:
+        # Local files: each task reads its row groups with pyarrow inside the parse (``rowparse``), so the
+        # values never pass through Spark's rows on the way in (for a wide table, most of the cost).
+        return spark.sparkContext.parallelize(pieces, max(1, len(pieces))).toDF(
+            "_path string, _rg int, _first long, _rows long, _skip long")
     frame = spark.read.parquet(source.location)
     # Each file's rows in file order (``row_index``), files in path order: the same on any number of cores.
     path, index = F.col("_metadata.file_path"), F.col("_metadata.row_index")
@@ -177,6 +184,47 @@ def _read_parquet(spark: SparkSession, source: Source, group: str | None) -> Dat
         *([quoted(group).alias(GROUP_RAW)] if group else []),
         *([quoted(source.split_column).alias(SPLIT_RAW)] if source.split_column else []),
     )
+
+
+def _parquet_pieces(location: Path, source: Source, group: str | None) -> list[tuple] | None:
+    """(file, row group, rows of the source before the slice, rows, the slice's start in its row group) of a
+    local Parquet source, files in
+    path order, row groups split into slices when there are too few to keep every core busy; None when the
+    files are not plain Parquet holding every column the prep reads (partitioned folders, mixed schemas):
+    Spark's own reader takes those."""
+    import pyarrow.parquet as pq
+
+    files = [location] if location.is_file() else sorted(
+        p for p in location.rglob("*")
+        if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(location).parts))
+    if not files or any(f.parent != (location if location.is_dir() else location.parent) for f in files):
+        return None
+    wanted = {*source.features, *source.categorical, source.label, *([group] if group else []),
+              *([source.split_column] if source.split_column else [])}
+    pieces, start = [], 0
+    try:
+        for f in files:
+            meta = pq.ParquetFile(f).metadata
+            if not wanted <= set(meta.schema.names):
+                return None
+            for g in range(meta.num_row_groups):
+                pieces.append((str(f), g, start, meta.row_group(g).num_rows))
+                start += meta.row_group(g).num_rows
+    except (OSError, ValueError):  # not Parquet after all: Spark's reader names the problem
+        return None
+    # Fewer row groups than cores (one big file): each task reads a slice of a row group instead.
+    cores = spark_cores()
+    if len(pieces) < 2 * cores:
+        rows = max(1, -(-start // (2 * cores)))
+        return [(f, g, first + at, min(rows, n - at), at) for f, g, first, n in pieces for at in range(0, n, rows)]
+    return [(f, g, first, n, 0) for f, g, first, n in pieces]
+
+
+def spark_cores() -> int:
+    from pyspark import SparkContext
+
+    sc = SparkContext._active_spark_context
+    return sc.defaultParallelism if sc is not None else 2
 
 
 def _numbered_text(spark: SparkSession, text: DataFrame) -> DataFrame:

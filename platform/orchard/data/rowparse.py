@@ -61,7 +61,34 @@ class Parser:
 
     def __call__(self, batches):
         for batch in batches:
-            yield self.parse(batch)
+            if "_path" in batch.schema.names:  # Parquet pieces: read here, parsed batch by batch
+                for piece in batch.to_pylist():
+                    for raw in self.read_piece(piece["_path"], piece["_rg"], piece["_first"], piece["_rows"],
+                                               piece["_skip"]):
+                        yield self.parse(raw)
+            else:
+                yield self.parse(batch)
+
+    def read_piece(self, path: str, row_group: int, first: int, rows: int, skip: int, batch_size: int = 10_000):
+        """``rows`` rows of a Parquet row group from its row ``skip`` on, as raw batches (``readers``' columns),
+        numbered from ``first`` + 1 (``first``: the source's rows before the slice)."""
+        import pyarrow.parquet as pq
+
+        names = [*self.features, *self.categorical, self.label, *([self.group] if self.group else []),
+                 *([self.split_column] if self.split_column else [])]
+        renamed = [*(f"_f{i}" for i in range(len(self.features))),
+                   *(f"_k{j}" for j in range(len(self.categorical))), "_y", *(["_g"] if self.group else []),
+                   *(["_s"] if self.split_column else [])]
+        table = pq.ParquetFile(path).read_row_group(row_group, columns=list(dict.fromkeys(names)))
+        table = table.slice(skip, rows)
+        at = first
+        for batch in table.to_batches(max_chunksize=batch_size):
+            n = batch.num_rows
+            columns = {"_row": pa.array(np.arange(at + 1, at + n + 1, dtype=np.int64)),
+                       "_line": pa.nulls(n, pa.string()), "_problem": pa.nulls(n, pa.string())}
+            columns.update({new: batch.column(old) for old, new in zip(names, renamed, strict=True)})
+            at += n
+            yield pa.RecordBatch.from_pydict(columns)
 
     def parse(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         n = batch.num_rows

@@ -70,7 +70,7 @@ def assign(spark: SparkSession, clean: DataFrame, split: SplitSpec, by_class: bo
     key = _hash(split.seed, [F.col("_v"), F.col("_k")])
     vectors.select("_v", "_k", "members", n.alias("_n"), stratum.alias("_stratum"), key.alias("_key"),
                    (F.array_min(labels) != F.array_max(labels)).alias("_conflict")
-                   ).write.parquet(str(stage / "vectors"))
+                   ).write.option("compression", "lz4").parquet(str(stage / "vectors"))
     vectors = spark.read.parquet(str(stage / "vectors"))
     bits = _bucket_bits(classes if stratified else 1)  # a stratum is a class (the vector's smallest label)
     bucket = F.shiftright("_key", 64 - bits)
@@ -93,7 +93,8 @@ def assign(spark: SparkSession, clean: DataFrame, split: SplitSpec, by_class: bo
     rows.select("_v", "_k", F.col("m.label").alias("label"), F.col("m._g").alias("_g"),
                 _hash(split.seed, [F.lit("shuffle"), *content]).alias("_order"),
                 _hash(split.seed + 1, [F.lit("shuffle"), *content]).alias("_tie"),
-                which.alias("split")).write.partitionBy("split").parquet(str(stage / "assigned"))
+                which.alias("split")).write.option("compression", "lz4").partitionBy("split").parquet(
+                    str(stage / "assigned"))
     return Assigned(stage / "assigned", total, overlap)
 
 
