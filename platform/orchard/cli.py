@@ -205,12 +205,14 @@ def _bench(args, console: Console) -> int:
         results = getattr(importlib.import_module(module), fn)(progress=lambda msg: term.print(msg, highlight=False))
     report = write_report(args.name, results, args.json_path)
     table = Table(title=f"orchard bench {args.name}")
-    for col in ("case", "metric", "value", "baseline", "ratio", "spread"):
+    notes = any(r.get("note") for r in report["results"])
+    for col in ("case", "metric", "value", "baseline", "ratio", "spread", *(["note"] if notes else [])):
         table.add_column(col)
     for r in report["results"]:
         base = "" if r["baseline"] is None else f"{r['baseline']:,.1f}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}×"
-        table.add_row(r["case"], r["metric"], f"{r['value']:,.1f} {r['unit']}", base, ratio, spread_text(r))
+        table.add_row(r["case"], r["metric"], f"{r['value']:,.1f} {r['unit']}", base, ratio, spread_text(r),
+                      *([r.get("note", "")] if notes else []))
     console.print(table)
     console.print(f"machine: {report['machine']}")
     if args.json_path:
