@@ -26,7 +26,7 @@ from tests.data.prep_helpers import read_split
 
 HEADER = ["id", "x", "color", "label"]
 # No shrinking: each example is a Spark prep (seconds), and a shrink can run hundreds of them.
-CI = settings(derandomize=True, deadline=None, database=None, max_examples=int(os.environ.get("ORCHARD_CSV_EXAMPLES", "12")), print_blob=True,
+CI = settings(derandomize=True, deadline=None, database=None, max_examples=int(os.environ.get("ORCHARD_CSV_EXAMPLES", "6")), print_blob=True,
               phases=[Phase.explicit, Phase.generate],
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                      HealthCheck.data_too_large])

@@ -247,8 +247,8 @@ def test_supernodes_over_tls_survive_a_superlink_restart_and_a_killed_supernode_
     assert history["fed/resumed_from"] == {1: 1.0}
     # The dead node is given up once the round timeout passes (Flower's heartbeat would take ~60 s).
     assert round2_s < round_timeout_s + 30, round2_s
-    print(f"deployment faults: {len(history['fed/accuracy'])}/{rounds} rounds, clients per round "
+    print(f"deployment faults: {len(history['fed/val_accuracy'])}/{rounds} rounds, clients per round "
           f"{history['fed/clients']}, round 2 ended {round2_s:.1f} s after the kill, accuracy "
-          f"{history['fed/accuracy']}")
+          f"{history['fed/val_accuracy']}")
     # Observed ~0.94 after 2 rounds of 2 local epochs on digits; far above chance (0.1).
     assert history["fed/val_accuracy"][2] >= 0.8

@@ -32,20 +32,23 @@ class Tally:
     index: dict[str, int]  # label as read (trimmed) -> class index
 
 
-def tally(clean: DataFrame, bad: DataFrame, source: Source, regression: bool, auto: bool = False) -> Tally:
-    """Input and quarantine counts and the sorted distinct labels of the clean rows, in two small aggregates.
+def tally(parsed: DataFrame, source: Source, regression: bool, auto: bool = False) -> Tally:
+    """One aggregate: input and quarantine counts and the sorted distinct labels of the clean rows.
 
-    ``clean``/``bad`` are the parsed rows without/with a ``_reason``. ``auto`` (data.task: auto) refuses a
+    ``parsed`` holds the parsed rows with ``_ok`` (no ``_reason``). ``auto`` (data.task: auto) refuses a
     numeric label that looks continuous (see MAX_AUTO_CLASSES). A regression target has no classes.
     """
-    got = bad.agg(F.count(F.lit(1)).alias("n"), F.min("_reason").alias("reason")).first()
-    quarantined, example = int(got["n"]), got["reason"]
-    if regression:
-        return Tally(quarantined + clean.count(), quarantined, [], {})
-    groups = (clean.groupBy("_lab").agg(F.count(F.lit(1)).alias("n"))
+    ok = F.col("_ok")
+    label = F.lit(None).cast("string") if regression else F.when(ok, F.col("_lab"))
+    groups = (parsed.groupBy(ok.alias("ok"), label.alias("_lab"))
+              .agg(F.count(F.lit(1)).alias("n"), F.min("_reason").alias("reason"))
               .withColumn("num", F.col("_lab").try_cast("double")).limit(MAX_CLASSES + 2).collect())
-    total = quarantined + sum(g["n"] for g in groups)
-    labels = {g["_lab"]: g["num"] for g in groups}
+    total = sum(g["n"] for g in groups)
+    bad = [g for g in groups if not g["ok"]]
+    quarantined = sum(g["n"] for g in bad)
+    if regression:
+        return Tally(total, quarantined, [], {})
+    labels = {g["_lab"]: g["num"] for g in groups if g["ok"]}
     if auto:
         _refuse_continuous(labels, source)
     if len(labels) > MAX_CLASSES:
@@ -55,7 +58,7 @@ def tally(clean: DataFrame, bad: DataFrame, source: Source, regression: bool, au
         )
     classes, index = _classes(labels)
     if len(classes) < 2:
-        hint = f"; all {quarantined} rows were quarantined, e.g. {example}" if quarantined and not labels else ""
+        hint = f"; all {quarantined} rows were quarantined, e.g. {bad[0]['reason']}" if bad and not labels else ""
         raise SpecError(
             f"data.label: column {source.label!r} of {source.describe()} has {len(classes)} distinct "
             f"value(s) among clean rows, at least 2 classes are needed{hint}"

@@ -8,7 +8,8 @@ under ``tmp/_spark`` and dropped once used):
   4. group the clean rows by feature vector (one shuffle), count rows per (stratum, hash bucket),
      stage the distinct rows with their split
   5. fit the stats on the training split (one streaming aggregate), the vocabularies, the target stats
-  6. write each split in seeded order, scaled; a streaming pyarrow pass fixes types and names
+  6. write the splits in seeded order, scaled (one job); a streaming pyarrow pass fixes types, names and
+     the number of files
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def run(
     parsed = _stage_parsed(spark, rows, stage / "parsed")
     step("parse")
     good, bad = parsed.filter(F.col("_ok")), parsed.filter(~F.col("_ok"))
-    tally = clean.tally(good, bad, source, regression, data.task == "auto")
+    tally = clean.tally(parsed, source, regression, data.task == "auto")
     log.info("%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes))
     step("tally")
     assigned = split.assign(spark, clean.indexed(good, tally, regression), data.split, not regression, stage,
@@ -80,8 +81,7 @@ def run(
     scaler = rowparse.Scaler(data.normalize, d, _stat_pair(stats), tuple(tuple(v) for _, v in vocab), regression,
                              group is not None)
     width = d + len(vocab)
-    sizes = {s: _write_split(spark, assigned, s, scaler, data.files_per_split, stage, tmp, width)
-             for s in SPLITS}
+    sizes = _write_splits(spark, assigned, scaler, data.files_per_split, stage, tmp, width)
     step("write splits")
     if tally.quarantined:
         _write_quarantine(bad, tmp, tally.quarantined, stage)
@@ -156,19 +156,22 @@ def _stat_pair(stats: dict[str, list[float]]) -> tuple[tuple[float, ...], tuple[
     return tuple(stats[first]), tuple(stats[second])
 
 
-def _write_split(spark: SparkSession, assigned: split.Assigned, name: str, scaler: rowparse.Scaler, files: int,
-                 stage: Path, tmp: Path, width: int) -> int:
-    rows = assigned.split(spark, name)
-    staged = stage / "splits" / name
-    if rows is not None:
-        # A range partition per output file, each sorted: the files read in name order give the seeded
-        # shuffle order whatever Spark's partitioning. Category indices ride at the end of the float
+def _write_splits(spark: SparkSession, assigned: split.Assigned, scaler: rowparse.Scaler, files: int,
+                  stage: Path, tmp: Path, width: int) -> dict[str, int]:
+    """All splits in one Spark job, each in its seeded shuffle order; rows per split."""
+    staged = stage / "splits"
+    if any((assigned.path / f"split={s}").is_dir() for s in SPLITS):
+        # Range partitions of (split, shuffle key), each sorted: a split's files read in name (task) order
+        # give its seeded order whatever Spark's partitioning. Category indices ride at the end of the float
         # vector (exact below 2**24), so every consumer keeps one tensor column.
         out = "features binary, label " + ("double" if scaler.regression else "bigint")
         out += ", group string" if scaler.grouped else ""
-        (rows.repartitionByRange(files, "_order", "_tie").sortWithinPartitions("_order", "_tie")
-         .mapInArrow(scaler, out).write.parquet(str(staged)))
-    return finish_split(staged, tmp / name, width, scaler.regression, scaler.grouped)
+        rows = spark.read.parquet(str(assigned.path))
+        keys = ["split", "_order", "_tie"]
+        (rows.repartitionByRange(files * len(SPLITS), *keys).sortWithinPartitions(*keys)
+         .mapInArrow(scaler, out + ", split string").write.partitionBy("split").parquet(str(staged)))
+    return {s: finish_split(staged / f"split={s}", tmp / s, width, files, scaler.regression, scaler.grouped)
+            for s in SPLITS}
 
 
 def _write_quarantine(bad: DataFrame, tmp: Path, expected: int, stage: Path) -> None:

@@ -461,6 +461,9 @@ class Scaler:
         if self.grouped:
             columns.append(batch.column("_g").cast(pa.string()))
             names.append("group")
+        if "split" in batch.schema.names:  # carried through for the writer's partitioning
+            columns.append(batch.column("split").cast(pa.string()))
+            names.append("split")
         return pa.RecordBatch.from_arrays(columns, names=names)
 
 

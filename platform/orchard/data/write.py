@@ -59,27 +59,40 @@ def contract_table(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = Non
     return pa.table(columns)
 
 
-def finish_split(staged: Path, out: Path, feature_dim: int, regression: bool = False, grouped: bool = False) -> int:
-    """Rewrite Spark's files for one split (in shuffle order, one per range partition) into the contract.
+def finish_split(staged: Path, out: Path, feature_dim: int, files: int, regression: bool = False,
+                 grouped: bool = False) -> int:
+    """Rewrite Spark's files for one split (in shuffle order when read in name order) into ``files``
+    contract files of equal row counts (fewer when there are fewer rows, at least one).
 
-    File by file and batch by batch, so memory stays bounded whatever the split's size.
+    Batch by batch, so memory stays bounded whatever the split's size.
     """
     schema = split_schema(feature_dim, regression, grouped)
-    files = sorted(staged.glob("part-*.parquet")) if staged.is_dir() else []
+    sources = [pq.ParquetFile(f) for f in sorted(staged.glob("part-*.parquet"))] if staged.is_dir() else []
+    total = sum(f.metadata.num_rows for f in sources)
     out.mkdir(parents=True)
-    written = rows = 0
-    for f in files:
-        source = pq.ParquetFile(f)
-        if source.metadata.num_rows == 0:
-            continue
-        with pq.ParquetWriter(out / f"part-{written:05d}.parquet", schema) as sink:
+    n = max(1, min(files, total))
+    bounds = [i * total // n for i in range(1, n + 1)]  # the row count after each output file
+    index, written = 0, 0
+    sink = pq.ParquetWriter(out / "part-00000.parquet", schema)
+    try:
+        for source in sources:
             for batch in source.iter_batches(batch_size=ROW_GROUP_ROWS):
-                sink.write_batch(_contract_batch(batch, schema, feature_dim))
-                rows += batch.num_rows
-        written += 1
-    if not written:  # an empty split still carries its schema
-        pq.write_table(schema.empty_table(), out / "part-00000.parquet")
-    return rows
+                batch = _contract_batch(batch, schema, feature_dim)
+                while batch.num_rows:
+                    take = min(batch.num_rows, bounds[index] - written)
+                    if not take and index + 1 == n:  # more rows than the metadata said: never silently
+                        raise RuntimeError(f"{staged} holds more rows than its files' metadata ({total})")
+                    if take:
+                        sink.write_batch(batch.slice(0, take))
+                        written += take
+                        batch = batch.slice(take)
+                    if written == bounds[index] and index + 1 < n:
+                        sink.close()
+                        index += 1
+                        sink = pq.ParquetWriter(out / f"part-{index:05d}.parquet", schema)
+    finally:
+        sink.close()
+    return written
 
 
 def _contract_batch(batch: pa.RecordBatch, schema: pa.Schema, feature_dim: int) -> pa.RecordBatch:
@@ -90,7 +103,7 @@ def _contract_batch(batch: pa.RecordBatch, schema: pa.Schema, feature_dim: int) 
     start = int(np.frombuffer(offsets, np.int32, count=1, offset=packed.offset * 4)[0]) if n else 0
     flat = np.frombuffer(data, "<f4", count=n * feature_dim, offset=start) if n else np.zeros(0, np.float32)
     columns = [pa.FixedSizeListArray.from_arrays(pa.array(flat), feature_dim)]
-    columns += [batch.column(f.name).cast(f.type) for f in list(schema)[1:]]
+    columns += [batch.column(f.name).cast(f.type) for f in list(schema)[1:]]  # drops the carried split
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 

@@ -88,8 +88,7 @@ class JobRun:
             self._open_logger()
             return
         experiment = spec.tracking.experiment or spec.name
-        exp = mlflow.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment, tags=dashboard.experiment_tags())
+        exp, exp_id = _experiment(experiment)
         for k, v in dashboard.experiment_tags().items():  # an experiment made before Orchard set its kind
             if exp is not None and k not in exp.tags:
                 client.set_experiment_tag(exp_id, k, v)
@@ -300,3 +299,24 @@ class JobRun:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
         return info.model_uri
+
+
+def _experiment(name: str):
+    """(experiment or None if this call created it, its id): get or create, safe when jobs start at once.
+
+    Several jobs of one spec starting together all find no experiment and all try to create it; the
+    store refuses all but one (RESOURCE_ALREADY_EXISTS), and the others then use that one.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp, exp.experiment_id
+    try:
+        return None, mlflow.create_experiment(name, tags=dashboard.experiment_tags())
+    except MlflowException as e:
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None or "ALREADY_EXISTS" not in str(e.error_code) + str(e):
+            raise
+        return exp, exp.experiment_id
