@@ -15,13 +15,14 @@ from Spark's partitioning, so they are the same on any number of cores.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from orchard.data import rowparse
-from orchard.data.source import Source, load_sklearn
+from orchard.data.source import Source, content_files, load_sklearn
 
 # A line that ends inside a quoted field opened at a field start; a line that closes such a field and
 # ends with well-formed fields. A record spanning lines starts with the first and ends with the second.
@@ -58,10 +59,9 @@ def parse(raw: DataFrame, source: Source, regression: bool, group: str | None) -
     split_column = source.split_column
     if source.kind == "csv":
         index = {name: i for i, name in enumerate(source.columns)}
-        wanted = [*source.features, *source.categorical, source.label, *([group] if group else []),
-                  *([split_column] if split_column else [])]
         parser = rowparse.Parser("csv", source.features, source.label, source.categorical, regression, group,
-                                 split_column, width=len(source.columns), index=tuple(index[c] for c in wanted))
+                                 split_column, width=len(source.columns))
+        parser = replace(parser, index=tuple(index[c] for c in parser.source_columns))
     else:
         mode = "vector" if "_fv" in raw.columns else "columns"
         pieces = "_path" in raw.columns
@@ -194,9 +194,7 @@ def _parquet_pieces(location: Path, source: Source, group: str | None) -> list[t
     Spark's own reader takes those."""
     import pyarrow.parquet as pq
 
-    files = [location] if location.is_file() else sorted(
-        p for p in location.rglob("*")
-        if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(location).parts))
+    files = content_files(location)  # the files Spark reads, and the content hash covers
     if not files or any(f.parent != (location if location.is_dir() else location.parent) for f in files):
         return None
     wanted = {*source.features, *source.categorical, source.label, *([group] if group else []),

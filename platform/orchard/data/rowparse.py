@@ -59,6 +59,13 @@ class Parser:
     width: int = 0  # CSV: fields per record
     index: tuple[int, ...] = ()  # CSV: field position of each feature, then categoricals, label, group, split
 
+    @property
+    def source_columns(self) -> list[str]:
+        """The source columns a row is read from, in the raw frame's order: features, categorical, label,
+        partition column, split column (``readers`` renames them ``_f*``, ``_k*``, ``_y``, ``_g``, ``_s``)."""
+        return [*self.features, *self.categorical, self.label, *([self.group] if self.group else []),
+                *([self.split_column] if self.split_column else [])]
+
     def __call__(self, batches):
         for batch in batches:
             if "_path" in batch.schema.names:  # Parquet pieces: read here, parsed batch by batch
@@ -74,8 +81,7 @@ class Parser:
         numbered from ``first`` + 1 (``first``: the source's rows before the slice)."""
         import pyarrow.parquet as pq
 
-        names = [*self.features, *self.categorical, self.label, *([self.group] if self.group else []),
-                 *([self.split_column] if self.split_column else [])]
+        names = self.source_columns
         renamed = [*(f"_f{i}" for i in range(len(self.features))),
                    *(f"_k{j}" for j in range(len(self.categorical))), "_y", *(["_g"] if self.group else []),
                    *(["_s"] if self.split_column else [])]
@@ -234,8 +240,7 @@ class Parser:
             raw[r] = lines[r].as_py()  # the CSV record, or an image's path
         if self.mode == "csv":
             return raw
-        names = [*self.features, *self.categorical, self.label, *([self.group] if self.group else []),
-                 *([self.split_column] if self.split_column else [])]
+        names = self.source_columns
         sources = self._raw_columns(batch, x)
         for r in bad:
             if raw[r] is not None:

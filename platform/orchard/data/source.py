@@ -173,7 +173,7 @@ def content_hash(source: Source, data: DataSpec) -> str:
             _hash_file(h, file)
     else:
         root = Path(source.location)
-        for file in _content_files(root):
+        for file in content_files(root):
             # In a folder, which file holds which bytes is part of the content.
             h.update(file.relative_to(root).as_posix().encode() if root.is_dir() else b"")
             _hash_file(h, file)
@@ -304,7 +304,7 @@ def _short(names: list[str], limit: int = 8) -> str:
     return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _content_files(path: Path) -> list[Path]:
+def content_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     # Spark ignores files whose name starts with "_" or "." (_SUCCESS, .crc), so the hash does too.

@@ -20,8 +20,8 @@ buckets that a split point cuts are ranked exactly, by a window over their few r
 
 With ``split.column`` the source's own assignment (train/val/test, read as ``_s``) replaces the hashed
 one and the fractions; duplicates are then dropped within a split only, so a benchmark's test set is
-kept as published (a vector in two splits is counted in ``overlap``). ``predefined_problem`` names the
-rows whose value is not a split (quarantined); ``sample`` keeps a seeded sample of the raw rows.
+kept as published (a vector in two splits is counted in ``overlap``). ``rowparse`` quarantines the
+rows whose value is not a split; ``sample`` keeps a seeded sample of the raw rows.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from pyspark.sql import functions as F
 
 from orchard.config import SplitSpec
 
-SPLIT_VALUES = ("train", "val", "test")
 MAX_BUCKET_ROWS = 200_000  # (stratum, bucket) pairs the driver plans over: bounds its memory
 
 
