@@ -28,9 +28,10 @@ def test_a_reader_never_sees_a_half_written_progress_file(tmp_path):
         seen, reads = [], 0
         while len(written) < 200 or reads < 2000:
             reads += 1
+            existed = bool(written)  # taken BEFORE the read: the first write may finish during it
             state = read_progress(path)
             if state is None:
-                assert not written, "the file existed but could not be read whole"
+                assert not existed, "the file existed but could not be read whole"
                 continue
             assert state["pad"] == str(state["round"] % 10) * PAD
             seen.append(state["round"])
