@@ -55,3 +55,25 @@ def digits_prepared(tmp_path_factory):
 def fresh_digits(tmp_path):
     """A private copy, for tests that write partitions and must not see another test's."""
     return load_manifest(write_digits(tmp_path))
+
+
+# -- Parallel runs (`pytest -n 2`, as `make test` does) ------------------------------------------------
+# pytest-xdist with --dist loadgroup sends each group to one worker. A test file is its own group (its
+# module fixtures start once); files that share one outside service run on one worker, one after another:
+# PostgreSQL (test_pg_faults stops and restarts the machine's server under the others) and Flower's
+# SuperLink processes.
+SERIAL_GROUPS = {
+    "postgresql": ["tests/cluster/test_compose.py", "tests/cluster/test_mlflow_service.py",
+                   "tests/remote/test_cluster.py", "tests/tracking/test_buffer.py",
+                   "tests/tracking/test_outage.py", "tests/tracking/test_pg_faults.py"],
+    "superlink": ["tests/federated/test_deployment.py", "tests/federated/test_flower_app.py",
+                  "tests/cluster/test_flower_register.py"],
+}
+_GROUP_OF = {path: group for group, paths in SERIAL_GROUPS.items() for path in paths}
+
+
+def pytest_collection_modifyitems(config, items):
+    root = Path(str(config.rootpath))
+    for item in items:
+        rel = Path(str(item.path)).relative_to(root).as_posix()
+        item.add_marker(pytest.mark.xdist_group(_GROUP_OF.get(rel, rel)))

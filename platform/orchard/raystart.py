@@ -28,6 +28,9 @@ def start_ray(min_cpus: float = 0, *, task_cpus: float = 0, task_setting: str = 
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {}
         if not os.environ.get("RAY_ADDRESS"):
+            # "local", not None: with no address Ray joins the latest `ray start` cluster on this machine
+            # (/tmp/ray/ray_current_cluster), e.g. someone else's; a local run starts its own instance.
+            kwargs["address"] = "local"
             kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(min_cpus))
             # As Flower's RayBackend does: actors import orchard from wherever this process does. Not on
             # a cluster, whose job runtime env (its working_dir) is the same on every node; our paths are not.

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 def mlflow_server(backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1",
                   port: int = 5000, basic_auth: bool = False) -> list[str]:
-    """MLflow tracking server that also serves (proxies) the artifact store to clients."""
+    """MLflow tracking server that also serves (proxies) the artifact store to clients.
+
+    ``basic_auth``: MLflow's basic auth behind Orchard's path-traversal filter (``orchard-auth``, see
+    ``orchard.remote.mlflow_guard``)."""
     cmd = ["mlflow", "server", "--backend-store-uri", backend_store_uri,
            "--artifacts-destination", artifacts_destination, "--serve-artifacts",
            "--host", host, "--port", str(port)]
     if basic_auth:
-        cmd += ["--app-name", "basic-auth"]
+        cmd += ["--app-name", "orchard-auth"]
     return cmd
 
 
