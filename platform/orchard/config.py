@@ -411,6 +411,11 @@ class TrackingSpec(_Section):
     log_model: bool = Field(True, description="Log the final model with mlflow.pytorch.log_model.")
     outage_grace_s: float = Field(300.0, ge=0, description="At the end of a run, how long to wait for an "
                                   "unreachable tracking server before keeping its metrics on disk for later sync.")
+    energy: bool = Field(True, description="Log energy/kwh and energy/co2_kg of the run, measured with "
+                         "CodeCarbon (offline, whole machine; see orchard.tracking.energy).")
+    energy_country: str | None = Field(None, pattern=r"^[A-Za-z]{3}$", description="ISO 3166-1 alpha-3 code "
+                                       "of the grid that powers the machine, for CO2 (default: "
+                                       "$ORCHARD_ENERGY_COUNTRY, else USA).")
 
 
 class JobSpec(_Section):

@@ -53,11 +53,12 @@ def run_job(spec: JobSpec, console: Console | None = None, resume: bool = False)
     with engine_output_to(log_path, console):  # a fresh SQLite store logs its table creation: not on the terminal
         _check_tracking(spec)
         resume_id = _resumable(spec) if resume else None
+    meter = _energy_meter(spec)  # measures from here: Spark prep is part of the run's energy
     t0 = time.perf_counter()
     with engine_output_to(log_path, console) as term, _progress(term) as progress:
         prepared = _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
         timings = {"prepare": time.perf_counter() - t0}
-        summary = _tracked(spec, prepared, progress, run_dir, resume_id, timings)
+        summary = _tracked(spec, prepared, progress, run_dir, resume_id, timings, meter)
     summary.wall_s = time.perf_counter() - t0
     _write_timings(run_dir, timings | {"run_job": summary.wall_s})
     summary.log_path = log_path
@@ -80,6 +81,19 @@ def prepare_only(spec: JobSpec, console: Console | None = None):
     log_path = run_dir_for(spec) / "engine.log"
     with engine_output_to(log_path, console) as term, _progress(term) as progress:
         return _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
+
+
+def _energy_meter(spec: JobSpec):
+    """A started EnergyMeter, or None with ``tracking.energy: false``; an unknown country is a spec error."""
+    if not spec.tracking.energy:
+        return None
+    from orchard.config import SpecError
+    from orchard.tracking.energy import EnergyMeter
+
+    try:
+        return EnergyMeter(spec.tracking.energy_country).start()
+    except ValueError as exc:
+        raise SpecError(f"tracking.energy_country: {exc}") from None
 
 
 def _check_engine_settings(spec: JobSpec) -> None:
@@ -124,13 +138,15 @@ def _resumable(spec: JobSpec) -> str:
 
 
 def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path, resume_id: str | None,
-             timings: dict[str, float]) -> JobSummary:
+             timings: dict[str, float], meter=None) -> JobSummary:
     from orchard.tracking import JobRun
 
     t0 = time.perf_counter()
     job = JobRun(spec, resume_run_id=resume_id)
     try:
         job.monitor_system()
+        if meter is not None:
+            job.attach_energy(meter)
         if not job.resumed:
             job.log_dataset(prepared)
         timings["mlflow_run"] = time.perf_counter() - t0
@@ -174,7 +190,8 @@ def _federate(spec: JobSpec, prepared, job, progress: Progress, run_dir: Path) -
     with ProgressFileBar(progress, path, "federate (Flower)", spec.federated.rounds, "round"):
         # Round checkpoints are keyed by the MLflow run, so --resume continues after the last round.
         return run_federated(spec, prepared, job.logger, checkpoint_dir=CHECKPOINT_ROOT / job.run_id,
-                             progress_file=path, log_path=run_dir / "engine.log")
+                             progress_file=path, log_path=run_dir / "engine.log",
+                             on_round=lambda row: job.log_energy(row["round"]))  # energy/* per round
 
 
 def _log_outputs(job, spec: JobSpec, prepared, result: RunResult) -> str | None:

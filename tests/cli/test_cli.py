@@ -45,6 +45,14 @@ def test_a_bad_override_exits_2(tmp_path):
     assert "train.epochs" in out.stdout
 
 
+def test_an_energy_country_outside_codecarbons_table_exits_2_before_any_compute(tmp_path):
+    out = orchard("run", str(ROOT / "jobs/digits-cnn.yaml"), "--set", "tracking.energy_country=XYZ", cwd=tmp_path,
+                  env_extra={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "tracking.energy_country" in out.stdout and "XYZ" in out.stdout
+    assert not (tmp_path / ".orchard" / "data").exists()  # refused before Spark
+
+
 def test_a_missing_spec_file_exits_2(tmp_path):
     out = orchard("run", "nope.yaml", cwd=tmp_path)
     assert out.returncode == 2

@@ -40,6 +40,9 @@ def test_digits_cnn_job_leaves_one_complete_mlflow_run(tmp_path):
     assert run.data.tags["orchard.kind"] == "train"
     assert run.data.params["model.family"] == "cnn"
     assert any(k.startswith("system/cpu") for k in m), "system metrics logged while the job ran"
+    # Energy of the whole machine over the run (CodeCarbon, offline): positive, with its source named.
+    assert m["energy/kwh"] > 0 and m["energy/co2_kg"] > 0
+    assert "cpu=" in run.data.tags["orchard.energy_source"] and run.data.tags["orchard.energy_country"] == "USA"
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/learning_curve.png", "plots/confusion_matrix.png"} <= artifacts

@@ -78,4 +78,9 @@ def test_a_killed_federation_resumes_after_its_last_round_in_the_same_run(tmp_pa
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(1, ROUNDS + 1)), (key, steps)  # every round exactly once
     assert run.data.metrics["fed/resumed_from"] >= KILL_AFTER
+    # Energy per round, continued across the resume: the totals never go back.
+    energy = sorted(client.get_metric_history(run.info.run_id, "energy/kwh"), key=lambda m: (m.step, m.timestamp))
+    assert energy and all(m.value > 0 for m in energy)
+    assert [m.value for m in energy] == sorted(m.value for m in energy)
+    assert run.data.metrics["energy/co2_kg"] > 0
     assert run.data.metrics["test/accuracy"] > 0.8

@@ -76,6 +76,8 @@ class JobRun:
         self._client = client
         self._finished = False
         self._monitor = None
+        self._energy = None  # an orchard.tracking.energy.EnergyMeter, once attach_energy() is called
+        self._energy_step = 0
         self._watch: OutageWatch | None = None
         self._settled = False  # the end-of-run wait for the server happened
         self._gave_up = False  # ...and the grace ran out: finish() does not wait a second time
@@ -148,12 +150,43 @@ class JobRun:
         self._monitor = buffered_system_monitor(self.logger, interval_s, self.resumed)
         self._monitor.start()
 
+    def attach_energy(self, meter) -> None:
+        """Log ``energy/kwh`` and ``energy/co2_kg`` from ``meter`` (see orchard.tracking.energy) at the end
+        of the run, and at each :meth:`log_energy` step before (a federation's rounds)."""
+        self._energy = meter
+        # A resumed run continues the totals its interrupted process logged last.
+        last = self._client.get_run(self.run_id).data.metrics if self.resumed else {}
+        self._energy_offset = (last.get("energy/kwh", 0.0), last.get("energy/co2_kg", 0.0))
+        self.set_tags({"orchard.energy_country": meter.country})
+
+    def _energy_metrics(self, reading: tuple[float, float]) -> dict[str, float]:
+        return {"energy/kwh": self._energy_offset[0] + reading[0], "energy/co2_kg": self._energy_offset[1] + reading[1]}
+
+    def log_energy(self, step: int) -> None:
+        """The meter's totals so far as ``energy/*`` at ``step``."""
+        reading = self._energy.read() if self._energy is not None else None
+        if reading is not None:
+            self.logger.log_metrics(self._energy_metrics(reading), step)
+            self._energy_step = step
+
+    def _close_energy(self) -> None:
+        meter, self._energy = self._energy, None
+        try:
+            reading = meter.stop()
+            if reading is not None:
+                self.logger.log_metrics(self._energy_metrics(reading), self._energy_step)
+            self.set_tags({"orchard.energy_source": meter.source})
+        except Exception as exc:  # noqa: BLE001 - the run's own status matters more than its energy figure
+            _log.warning("energy figures not logged: %s", exc)
+
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run exactly once; buffered metrics are replayed first (waiting up to the grace period).
 
         If the server is still down, the buffer (with the closing status) stays on disk and the log says
         how to sync it: the job's own result does not depend on the tracking server being back.
         """
+        if self._energy is not None and not self._finished:
+            self._close_energy()
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
