@@ -54,7 +54,7 @@ unit: install
 	$(PY) -m pytest -q -m "not slow"
 
 test: install services lint
-	ORCHARD_TEST_PG_URI=$(PG_URI) $(PY) -m pytest -q --durations=15 -n 2 --dist loadgroup
+	ORCHARD_TEST_PG_URI=$(PG_URI) $(PY) -m pytest -q --durations=15 -n 2
 
 ui: install
 	$(VENV)/bin/orchard ui

@@ -58,10 +58,10 @@ def fresh_digits(tmp_path):
 
 
 # -- Parallel runs (`pytest -n 2`, as `make test` does) ------------------------------------------------
-# pytest-xdist with --dist loadgroup sends each group to one worker. A test file is its own group (its
-# module fixtures start once); files that share one outside service run on one worker, one after another:
-# PostgreSQL (test_pg_faults stops and restarts the machine's server under the others) and Flower's
-# SuperLink processes.
+# pytest-xdist sends whole groups of tests to one worker: a test file is its own group (its module fixtures
+# start once), and files that share one outside service run on one worker, one after another: PostgreSQL
+# (test_pg_faults stops and restarts the machine's server under the others) and Flower's SuperLink.
+# (xdist's own `--dist loadgroup` cannot be used: with pytest 9 its node-id suffix no longer takes effect.)
 SERIAL_GROUPS = {
     "postgresql": ["tests/cluster/test_compose.py", "tests/cluster/test_mlflow_service.py",
                    "tests/remote/test_cluster.py", "tests/tracking/test_buffer.py",
@@ -70,10 +70,36 @@ SERIAL_GROUPS = {
                   "tests/cluster/test_flower_register.py"],
 }
 _GROUP_OF = {path: group for group, paths in SERIAL_GROUPS.items() for path in paths}
+# Seconds each long group took in CI (serial run, 2 cores): the longest start first, so that the two
+# workers finish together instead of one waiting on a long group picked up last.
+_SECONDS = {"postgresql": 800, "tests/train/test_fault_tolerance.py": 420, "tests/bench/test_bench_train.py": 230,
+            "superlink": 220, "tests/cli/test_cli_end_to_end.py": 170, "tests/tracking/test_dashboard_view.py": 100,
+            "tests/train/test_fsdp.py": 75, "tests/federated/test_federated_resume.py": 75}
 
 
-def pytest_collection_modifyitems(config, items):
-    root = Path(str(config.rootpath))
-    for item in items:
-        rel = Path(str(item.path)).relative_to(root).as_posix()
-        item.add_marker(pytest.mark.xdist_group(_GROUP_OF.get(rel, rel)))
+def group_of(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return _GROUP_OF.get(path, path)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        """xdist's scope scheduler with our groups as scopes, longest first."""
+
+        _ordered = False
+
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if not self._ordered:
+                self._ordered = True
+                units = sorted(self.workqueue.items(), key=lambda kv: -_SECONDS.get(kv[0], 2 * len(kv[1])))
+                self.workqueue.clear()
+                self.workqueue.update(units)
+            super()._assign_work_unit(node)
+
+    return FileGroups(config, log)
