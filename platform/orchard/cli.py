@@ -332,6 +332,9 @@ def _serve(args, console: Console) -> int:
         raise SpecError(str(exc)) from exc
     except KeyboardInterrupt:
         console.print("stopped")
+    except (RuntimeError, TimeoutError) as exc:  # a replica that cannot load the model fails the deployment
+        console.print(f"[bold red]failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -144,9 +145,15 @@ def test_register_needs_a_valid_name_and_a_logged_model():
         validate_spec({"name": "x", "kind": "train", "tracking": {"register": "ok", "log_model": False}})
 
 
-def test_serve_refuses_an_unknown_model_before_starting_ray(registered, capsys):
+def test_serve_refuses_an_unknown_model_or_a_taken_port_before_starting_ray(registered, capsys):
     assert main(["serve", f"models:/{NAME}/7", "--tracking-uri", registered.uri]) == 2
     assert f"models:/{NAME}/7" in capsys.readouterr().out
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", registered.version_uri, "--port", str(port), "--tracking-uri", registered.uri]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("shape", ["dataframe_split", "instances", "inputs"])

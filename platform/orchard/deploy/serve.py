@@ -24,6 +24,7 @@ FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")  # MLf
 MAX_BATCH = 64  # requests in one forward pass; a replica accepts 2x that many at once, so a batch can fill
 BATCH_WAIT_S = 0.005  # how long a batch waits for company: short, a lone request pays at most this
 READY_TIMEOUT_S = 180.0
+APP = "orchard"  # the Serve application's name on the cluster
 
 
 class BadRequest(ValueError):
@@ -31,7 +32,7 @@ class BadRequest(ValueError):
 
 
 class BadModel(ValueError):
-    """The model URI cannot be served (unknown, or no single-tensor signature): the CLI exits 2."""
+    """The model URI or address cannot be served (unknown model, no single-tensor signature, port taken): exit 2."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ def serve_model(model_uri: str, tracking_uri: str, *, host: str = "127.0.0.1", p
     from orchard.raystart import start_ray
 
     spec = input_spec(model_uri, tracking_uri)
+    _check_port_free(host, port)
     t0 = time.monotonic()
     started = start_ray(min_cpus=replicas)  # each replica reserves one CPU: a small box must still fit them
     # SIGTERM (a supervisor, a test) ends like Ctrl-C, so the replicas and our own Ray go down with us.
@@ -162,7 +164,7 @@ def serve_model(model_uri: str, tracking_uri: str, *, host: str = "127.0.0.1", p
         serve.start(http_options={"host": host, "port": port})
         threads = max(1, (os.cpu_count() or 1) // replicas)
         app = ModelServer.options(num_replicas=replicas).bind(model_uri, tracking_uri, spec, threads)
-        serve.run(app, name="orchard", route_prefix="/", blocking=False)
+        serve.run(app, name=APP, route_prefix="/", blocking=False)
         url = f"http://{host}:{port}"
         _wait_until_answers(url)
         if on_ready:
@@ -170,9 +172,22 @@ def serve_model(model_uri: str, tracking_uri: str, *, host: str = "127.0.0.1", p
         while True:
             time.sleep(1.0)
     finally:
-        serve.shutdown()
         if started:
-            ray.shutdown()
+            ray.shutdown()  # our own instance: its replicas, proxy and controller go with it
+        else:
+            serve.delete(APP)  # a shared cluster: remove only our application, not others' Serve apps
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A taken port would leave Serve's proxy retrying its bind while serve.run waits: refuse it up front."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise BadModel(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 def _interrupt(*_) -> None:
