@@ -72,6 +72,19 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--backend-store-uri", default=None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
+
+    serve = sub.add_parser("serve", help="serve a logged or registered model over REST (Ray Serve, MLflow's protocol)")
+    serve.add_argument("model_uri", help="e.g. models:/NAME@champion, models:/NAME/3 or a run's models:/m-... URI")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (each reserves one CPU)")
+    serve.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
+
+    promote = sub.add_parser("promote", help="point a registered model's alias (e.g. champion) at a version")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--alias", default="champion")
+    promote.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
     return p
 
 
@@ -81,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=140)
     try:
         return {"run": _run, "prep": _prep, "check": _check, "demo": _demo, "ui": _ui, "bench": _bench,
-                "sync-tracking": _sync_tracking, "submit": _submit, "jobs": _jobs}[args.verb](args, console)
+                "sync-tracking": _sync_tracking, "submit": _submit, "jobs": _jobs,
+                "serve": _serve, "promote": _promote}[args.verb](args, console)
     except SpecError as exc:
         # The message quotes the user's keys and values: "[/x]" there is text, not rich markup.
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
@@ -297,6 +311,44 @@ def _sync_tracking(args, console: Console) -> int:
         console.print(f"[bold red]failed:[/] {exc}", highlight=False)
         return EXIT_FAILED
     console.print(f"sent {sent} buffered metric(s) from {args.path}")
+    return EXIT_OK
+
+
+def _serve(args, console: Console) -> int:
+    from orchard.deploy.serve import BadModel, serve_model
+    from orchard.tracking import resolve_uri
+
+    if args.replicas < 1:
+        raise SpecError(f"--replicas must be at least 1, got {args.replicas}")
+
+    def ready(url: str, waited_s: float) -> None:
+        console.print(f"serving {args.model_uri} at {url}/invocations  ({args.replicas} replica(s), answered "
+                      f"after {waited_s:.0f} s; Ctrl-C to stop)", highlight=False)
+
+    try:
+        serve_model(args.model_uri, args.tracking_uri or resolve_uri(), host=args.host, port=args.port,
+                    replicas=args.replicas, on_ready=ready)
+    except BadModel as exc:
+        raise SpecError(str(exc)) from exc
+    except KeyboardInterrupt:
+        console.print("stopped")
+    except (RuntimeError, TimeoutError) as exc:  # a replica that cannot load the model fails the deployment
+        console.print(f"[bold red]failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _promote(args, console: Console) -> int:
+    from orchard.deploy.registry import RegistryError, promote
+    from orchard.tracking import resolve_uri
+
+    uri = args.tracking_uri or resolve_uri()
+    try:
+        promote(uri, args.name, args.version, args.alias)
+    except RegistryError as exc:
+        raise SpecError(str(exc)) from exc
+    console.print(f"{args.name}@{args.alias} → version {args.version}  (serve it: orchard serve "
+                  f"models:/{args.name}@{args.alias})", highlight=False)
     return EXIT_OK
 
 

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -405,6 +406,11 @@ class FederatedSpec(_Section):
         return self
 
 
+# pydantic warns that a field named "register" hides ABCMeta.register on the class; on instances the field
+# wins, and nothing calls the class method of a spec section.
+warnings.filterwarnings("ignore", message='Field name "register" in "TrackingSpec"', category=UserWarning)
+
+
 class TrackingSpec(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or MLflow's own.")
     experiment: str | None = Field(None, description="MLflow experiment; default: the spec's name.")
@@ -416,6 +422,15 @@ class TrackingSpec(_Section):
     energy_country: str | None = Field(None, pattern=r"^[A-Za-z]{3}$", description="ISO 3166-1 alpha-3 code "
                                        "of the grid that powers the machine, for CO2 (default: "
                                        "$ORCHARD_ENERGY_COUNTRY, else USA).")
+    register: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                                 description="Register the logged model under this MLflow Model Registry name "
+                                 "(letters, digits, '_', '.', '-') at the end of a successful run.")
+
+    @model_validator(mode="after")
+    def _register_needs_model(self) -> TrackingSpec:
+        if self.register and not self.log_model:
+            raise ValueError("tracking.register needs tracking.log_model: true (there is no model to register)")
+        return self
 
 
 class JobSpec(_Section):

@@ -167,6 +167,8 @@ def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path, resume_
         job.finish("FAILED")
         raise
     job.finish("FINISHED")
+    if spec.tracking.register and model_uri:  # only a finished run's model enters the registry
+        model_uri = _step(progress, "register model (MLflow)", lambda: _register(job, spec, model_uri, result))
     return JobSummary(name=spec.name, kind=spec.kind, engine=engine, headline=headline,
                       test_f1=result.test.get("test/f1"), wall_s=0.0,
                       run_id=job.run_id, tracking_uri=job.uri, quarantined=prepared.quarantined,
@@ -202,6 +204,13 @@ def _log_outputs(job, spec: JobSpec, prepared, result: RunResult) -> str | None:
         return None
     example = _input_example(prepared)
     return job.log_model(result.model, example)
+
+
+def _register(job, spec: JobSpec, model_uri: str, result: RunResult) -> str:
+    from orchard.deploy.registry import register
+
+    version = register(job.uri, model_uri, spec.tracking.register, result.test)
+    return f"models:/{spec.tracking.register}/{version}"
 
 
 def _input_example(prepared, rows: int = 4):

@@ -26,8 +26,8 @@ def _only_run(uri: str, experiment: str):
 def test_digits_cnn_job_leaves_one_complete_mlflow_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     secrets = secret_env()  # credentials in the job's environment: none may reach the run (issue 13)
-    out = orchard("run", str(ROOT / "jobs/digits-cnn.yaml"), "--set", "train.epochs=6", cwd=tmp_path,
-                  env_extra={"MLFLOW_TRACKING_URI": uri, **secrets})
+    out = orchard("run", str(ROOT / "jobs/digits-cnn.yaml"), "--set", "train.epochs=6",
+                  "--set", "tracking.register=digits-cnn", cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": uri, **secrets})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, run = _only_run(uri, "digits-cnn")
     assert run.info.status == "FINISHED"
@@ -62,6 +62,10 @@ def test_digits_cnn_job_leaves_one_complete_mlflow_run(tmp_path):
         mlflow.set_tracking_uri(previous)
     preds = np.asarray(model.predict(np.zeros((3, 64), dtype=np.float32)))
     assert preds.shape == (3, 10)
+    # tracking.register: the finished run's model is version 1, tagged with the run's test metrics
+    version = client.get_model_version("digits-cnn", "1")
+    assert version.run_id == run.info.run_id and version.source == models[0].model_uri
+    assert float(version.tags["test/accuracy"]) == pytest.approx(m["test/accuracy"])
 
     (engine_log,) = tmp_path.glob(".orchard/runs/digits-cnn-*/engine.log")
     texts = {"stdout": out.stdout, "stderr": out.stderr, "engine.log": engine_log.read_text()}

@@ -22,9 +22,11 @@ A refused request gets ``400`` with MLflow's error JSON (``INVALID_PARAMETER_VAL
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -166,9 +168,8 @@ def _bootstrap_admin_once() -> None:
     create the auth store and its admin user once, so workers only open the store."""
     from mlflow.server.auth import auth_config, bootstrap_admin_user
 
-    lock_dir = Path(auth_config.database_uri.rsplit("///", 1)[-1]).parent \
-        if auth_config.database_uri.startswith("sqlite:") else Path(os.environ.get("TMPDIR", "/tmp"))
-    with open(lock_dir / ".orchard-auth.lock", "a") as lock:
+    key = hashlib.sha256(auth_config.database_uri.encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"orchard-auth-{key}.lock", "a") as lock:  # the workers of one server
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             bootstrap_admin_user()

@@ -1,0 +1,1 @@
+"""Deployment: the Model Registry, model export and serving (`orchard promote`, `orchard serve`)."""
