@@ -183,3 +183,21 @@ def test_a_typo_in_the_explain_section_exits_2_naming_the_key(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"name": "x", "kind": "train", "explain": {"metod": "saliency"}}))
     assert main(["check", str(path)]) == 2
     assert "explain.metod: unknown key (did you mean 'explain.method'?)" in capsys.readouterr().out
+
+
+def test_an_explanation_that_fails_leaves_a_tag_not_a_failed_job(digits_prepared, store, monkeypatch):
+    """The model is trained and logged before the explanation: its failure must not fail the job."""
+    from mlflow.tracking import MlflowClient
+
+    from orchard.tracking import JobRun
+
+    uri, root = store
+    monkeypatch.chdir(root)
+    spec = validate_spec({"name": "explain-broken", "kind": "train", "tracking": {"uri": uri}, "explain": {}})
+    wrong_width = nn.Linear(30, 2)  # digits rows have 64 features
+    with JobRun(spec) as job:
+        assert explain_job(job, spec, digits_prepared, wrong_width) is None
+    run = MlflowClient(uri).get_run(job.run_id)
+    assert run.info.status == "FINISHED"
+    assert "RuntimeError" in run.data.tags["orchard.explain_error"]
+    assert not MlflowClient(uri).list_artifacts(job.run_id, "explain")

@@ -49,10 +49,14 @@ def explain_and_log(sink, model, prepared, spec: ExplainSpec, extra: dict[str, A
 def explain_job(job, spec: JobSpec, prepared, model) -> dict[str, Any] | None:
     """The runner's step: explain the job's final model on its own run. A failure here is logged as a
     warning and a tag (``orchard.explain_error``), not raised: the model is trained and logged already."""
+    from orchard.tracking import TrackingUnavailable
+
     if spec.explain is None:
         return None
     try:
         return explain_and_log(job, model.cpu().eval(), prepared, spec.explain, {"run_id": job.run_id})
+    except TrackingUnavailable:  # the run's own outage handling (buffer, FAILED status) applies, as for the model
+        raise
     except Exception as exc:  # noqa: BLE001 - see the docstring
         _log.warning("explain: %s: %s", type(exc).__name__, exc)
         job.set_tags({"orchard.explain_error": f"{type(exc).__name__}: {exc}"[:500]})
