@@ -15,9 +15,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "orchard"
 
 TOP = ("orchard.cli", "orchard.runner", "orchard.study", "orchard.job_entry")  # entry points: nothing below imports them
-ENGINES = ("orchard.train", "orchard.federated", "orchard.remote", "orchard.bench")
+ENGINES = ("orchard.train", "orchard.federated", "orchard.remote", "orchard.bench", "orchard.explain")
 RULES = {
-    "tracking": ("orchard.federated", "orchard.train", "orchard.engine", "orchard.data", *TOP),
+    "tracking": ("orchard.federated", "orchard.train", "orchard.engine", "orchard.data", "orchard.explain", *TOP),
+    # explain reads the prepared data and the run (data.manifest, tracking), never an engine
+    "explain": ("orchard.train", "orchard.federated", "orchard.remote", "orchard.bench", "orchard.engine", *TOP),
     "federated": ("orchard.tracking", "orchard.train", "orchard.remote", "orchard.bench", *TOP),
     "train": ("orchard.tracking", "orchard.federated", "orchard.remote", "orchard.bench", *TOP),
     "remote": ("orchard.tracking", *ENGINES[:2], "orchard.data", *TOP),

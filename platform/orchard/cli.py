@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("path", help="a buffer folder (or one .jsonl file) named in the outage warning")
     sync.add_argument("--uri", default=None, help="tracking URI; default: the one recorded in the buffer")
 
+    explain = sub.add_parser("explain", help="attributions (Captum) of a run's logged model, logged to that run")
+    explain.add_argument("run_id", help="MLflow run id of an orchard run that logged its model")
+    explain.add_argument("--method", choices=["integrated_gradients", "saliency"], default=None,
+                         help="default: the run's explain: section, else integrated_gradients")
+    explain.add_argument("--samples", type=int, default=None, help="test rows explained (default 200)")
+    explain.add_argument("--steps", type=int, default=None, help="Integrated Gradients steps (default 32)")
+    explain.add_argument("--baseline", choices=["zeros", "train_mean"], default=None)
+    explain.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
+
     ui = sub.add_parser("ui", help="open MLflow's dashboard on the store the jobs wrote to")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
@@ -94,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=140)
     try:
         return {"run": _run, "prep": _prep, "check": _check, "demo": _demo, "ui": _ui, "bench": _bench,
-                "sync-tracking": _sync_tracking, "submit": _submit, "jobs": _jobs,
-                "serve": _serve, "promote": _promote}[args.verb](args, console)
+                 "sync-tracking": _sync_tracking, "submit": _submit, "jobs": _jobs,
+                 "serve": _serve, "promote": _promote, "explain": _explain}[args.verb](args, console)
     except SpecError as exc:
         # The message quotes the user's keys and values: "[/x]" there is text, not rich markup.
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
@@ -349,6 +358,25 @@ def _promote(args, console: Console) -> int:
         raise SpecError(str(exc)) from exc
     console.print(f"{args.name}@{args.alias} → version {args.version}  (serve it: orchard serve "
                   f"models:/{args.name}@{args.alias})", highlight=False)
+    return EXIT_OK
+
+
+def _explain(args, console: Console) -> int:
+    from orchard.explain import explain_run
+    from orchard.tracking.buffer import TrackingUnavailable
+
+    try:
+        with console.status(f"explaining run {args.run_id}…"):
+            summary = explain_run(args.run_id, args.tracking_uri, method=args.method, samples=args.samples,
+                                  steps=args.steps, baseline=args.baseline)
+    except TrackingUnavailable as exc:
+        console.print(f"[bold red]failed:[/] {escape(str(exc))}", highlight=False)
+        return EXIT_FAILED
+    check = summary.get("completeness")
+    console.print(f"run {args.run_id}: {summary['method']} on {summary['samples']} test rows in "
+                  f"{summary['seconds']:.1f} s" + (f", completeness error ≤ {check['max_abs_error']:.2g}"
+                                                   if check else ""), highlight=False)
+    console.print(f"  logged: {', '.join(summary['artifacts'])}", highlight=False)
     return EXIT_OK
 
 

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import re
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -433,6 +434,18 @@ class TrackingSpec(_Section):
         return self
 
 
+class ExplainSpec(_Section):
+    method: Literal["integrated_gradients", "saliency"] = Field(
+        "integrated_gradients", description="Captum attribution: integrated_gradients (complete: sums to "
+        "F(x) - F(baseline)) or saliency (one gradient, cheaper).")
+    samples: int = Field(200, ge=1, le=100_000, description="Test rows explained: a fixed, seeded sample.")
+    steps: int = Field(32, ge=2, le=10_000, description="Integrated Gradients: points on the path from baseline to input.")
+    baseline: Literal["zeros", "train_mean"] = Field(
+        "zeros", description="Integrated Gradients reference input: zeros (the train mean under standard "
+        "normalization) or the mean of up to 10,000 train rows.")
+    seed: int = Field(0, description="Seed of the test sample.")
+
+
 class JobSpec(_Section):
     name: str = Field(..., min_length=1, description="Job name; also the default MLflow experiment.")
     kind: Literal["train", "federated"] = Field(..., description="What the job does.")
@@ -442,10 +455,14 @@ class JobSpec(_Section):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Ray Train resources.")
     federated: FederatedSpec = Field(default_factory=FederatedSpec, description="Flower federation.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking.")
+    explain: ExplainSpec | None = Field(
+        None, description="Attributions for a test sample after the model is logged (off when absent).")
 
     def digest(self) -> str:
         """Stable hash of the resolved spec (tagged on runs as orchard.spec_hash)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        # Without explain: the hash of a spec that does not use it stays what it was before the section existed.
+        blob = json.dumps(self.model_dump(mode="json", exclude={"explain"} if self.explain is None else None),
+                          sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
@@ -479,6 +496,8 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     for part in path:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None) if field else None
+        # An optional section (``X | None``) suggests X's keys too.
+        ann = next((a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None
         model = ann

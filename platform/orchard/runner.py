@@ -200,10 +200,12 @@ def _log_outputs(job, spec: JobSpec, prepared, result: RunResult) -> str | None:
     from orchard.tracking.outputs import log_result
 
     log_result(job, result, spec.name, prepared.manifest.get("classes"))
-    if not spec.tracking.log_model:
-        return None
-    example = _input_example(prepared)
-    return job.log_model(result.model, example)
+    model_uri = job.log_model(result.model, _input_example(prepared)) if spec.tracking.log_model else None
+    if spec.explain is not None:
+        from orchard.explain import explain_job
+
+        explain_job(job, spec, prepared, result.model)
+    return model_uri
 
 
 def _register(job, spec: JobSpec, model_uri: str, result: RunResult) -> str:

@@ -26,7 +26,7 @@ def _only_run(uri: str, experiment: str):
 def test_digits_cnn_job_leaves_one_complete_mlflow_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     secrets = secret_env()  # credentials in the job's environment: none may reach the run (issue 13)
-    out = orchard("run", str(ROOT / "jobs/digits-cnn.yaml"), "--set", "train.epochs=6",
+    out = orchard("run", str(ROOT / "jobs/digits-cnn.yaml"), "--set", "train.epochs=6", "--set", "explain.samples=50",
                   "--set", "tracking.register=digits-cnn", cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": uri, **secrets})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, run = _only_run(uri, "digits-cnn")
@@ -49,6 +49,10 @@ def test_digits_cnn_job_leaves_one_complete_mlflow_run(tmp_path):
     for png in artifacts:
         assert Path(client.download_artifacts(run.info.run_id, png, str(tmp_path))).read_bytes()[:4] == b"\x89PNG"
     assert run.inputs.dataset_inputs, "training data logged with mlflow.log_input"
+    # explain: in the spec: attributions of the trained CNN on 50 test rows, on the same run (issue 14)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "explain")} == {
+        "explain/attributions.png", "explain/summary.json"}, run.data.tags.get("orchard.explain_error")
+    assert 0 <= m["explain/ig_completeness_max_error"] < 1.0
 
     import mlflow
 

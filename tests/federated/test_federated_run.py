@@ -34,6 +34,8 @@ def test_federation_learns_digits_logs_validation_every_round_and_tests_once(dig
                                                                              capfd):
     from mlflow.tracking import MlflowClient
 
+    from orchard.config import ExplainSpec
+    from orchard.explain import explain_job
     from orchard.federated import run_federated
     from orchard.progress import read_progress
     from orchard.tracking import JobRun
@@ -47,6 +49,9 @@ def test_federation_learns_digits_logs_validation_every_round_and_tests_once(dig
         res = run_federated(spec, digits_prepared, job.logger, checkpoint_dir=tmp_path / "rounds",
                             progress_file=progress, log_path=log_path)
         log_result(job, res, spec.name, digits_prepared.manifest["classes"])
+        # The final global model explains like a centrally trained one (issue 14): class maps on the run.
+        explained = explain_job(job, spec.model_copy(update={"explain": ExplainSpec(samples=40, steps=16)}),
+                                digits_prepared, res.model)
 
     accuracy = res.test["test/accuracy"]
     print(f"federated test accuracy {accuracy:.4f}", [round(h["fed/val_accuracy"], 3) for h in res.history])
@@ -64,6 +69,9 @@ def test_federation_learns_digits_logs_validation_every_round_and_tests_once(dig
 
     client = MlflowClient(spec.tracking.uri)
     logged = client.get_run(job.run_id).data.metrics
+    assert explained is not None and sum(explained["predicted_counts"].values()) == 40
+    assert {a.path for a in client.list_artifacts(job.run_id, "explain")} == {"explain/attributions.png",
+                                                                             "explain/summary.json"}
     # Rounds are scored on the validation split only; the test split once, on the final global model.
     assert not any(k.startswith("fed/") and k.removeprefix("fed/") in ("accuracy", "loss", "f1") for k in logged)
     val_rows = digits_prepared.manifest["counts"]["val"]
