@@ -1,0 +1,1 @@
+"""Deployment: export a run's logged model to portable formats and serve it."""
