@@ -319,6 +319,11 @@ def _export(args, console: Console) -> int:
     except ParityError as exc:
         console.print(f"[bold red]failed:[/] {escape(str(exc))}", highlight=False)
         return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - a converter or quantizer failure: its one line, exit 1
+        console.print(f"[bold red]failed:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        if os.environ.get("ORCHARD_DEBUG"):
+            traceback.print_exc()
+        return EXIT_FAILED
     console.print(report_table(report))
     console.print(f"logged to run {report.run_id}: {', '.join(v.artifact for v in report.variants)}, {report.artifact}")
     return EXIT_OK

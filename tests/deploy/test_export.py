@@ -46,13 +46,23 @@ def log_trained_run(model_spec: dict, prepared, uri: str, epochs: int = 2, batch
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, digits_prepared):
+def one_thread():
+    # On the shared 2-core box torch's second intra-op thread mostly waits for a core: one thread trained
+    # the tiny CNN several times faster under load. The export measures latency on one thread anyway.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, digits_prepared, one_thread):
     folder = tmp_path_factory.mktemp("export")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    # 4 epochs for the MLP: after 2 its margins were thin enough that torch.ao's int8 (7-bit activations on
-    # x86) flipped 3 of 270 test rows; the CNN's 2 epochs cost as much as the MLP's 4 and reach ~95%.
+    # Trained past thin margins: after 2 epochs int8 flipped 3 of 270 test rows (torch.ao's MLP, ONNX's CNN),
+    # which is more than the 1-point budget; the 1-point bound is meant for a model that learned the task.
     runs = {"mlp": log_trained_run(MLP, digits_prepared, uri, epochs=4),
-            "cnn": log_trained_run(CNN, digits_prepared, uri, epochs=2)}
+            "cnn": log_trained_run(CNN, digits_prepared, uri, epochs=5)}
     return uri, runs
 
 
@@ -138,3 +148,16 @@ def test_a_missing_store_is_refused_instead_of_created(tmp_path):
     with pytest.raises(ExportError, match="no tracking store at"):
         export_model("abc", "onnx", tracking_uri=f"sqlite:///{tmp_path / 'nope.db'}")
     assert not (tmp_path / "nope.db").exists()
+
+
+def test_an_export_below_the_agreement_floor_exits_1_and_logs_nothing(store, capsys, monkeypatch):
+    import orchard.deploy.export as export
+
+    uri, runs = store
+    monkeypatch.setattr(export, "MIN_AGREEMENT", 1.01)  # no file can agree on more than every row
+    assert main(["export", runs["cnn"], "--format", "torchscript", "--tracking-uri", uri]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"the torchscript export of run {runs['cnn']} predicts the PyTorch model's class on only" in out
+    assert "nothing was logged" in out and "Traceback" not in out
+    logged = [f.path for f in MlflowClient(uri).list_artifacts(runs["cnn"], "export")]
+    assert not any("torchscript" in p for p in logged)
