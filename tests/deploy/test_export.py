@@ -41,8 +41,11 @@ def log_trained_run(model_spec: dict, prepared, uri: str, epochs: int = 2, batch
             opt.step()
     with JobRun(spec) as job:
         job.log_dataset(prepared)
-        job.log_model(model.eval(), read_head(prepared, "test", 4))
+        LOGGED[job.run_id] = job.log_model(model.eval(), read_head(prepared, "test", 4))
     return job.run_id
+
+
+LOGGED: dict[str, str] = {}  # run id -> the model URI log_model returned (what `orchard run` prints)
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +164,13 @@ def test_an_export_below_the_agreement_floor_exits_1_and_logs_nothing(store, cap
     assert "nothing was logged" in out and "Traceback" not in out
     logged = [f.path for f in MlflowClient(uri).list_artifacts(runs["cnn"], "export")]
     assert not any("torchscript" in p for p in logged)
+
+
+def test_the_model_uri_a_run_prints_resolves_to_its_run(store):
+    from orchard.tracking.exported import load_run_model
+
+    uri, runs = store
+    model_uri = LOGGED[runs["mlp"]]
+    assert model_uri.startswith("models:/")
+    loaded = load_run_model(model_uri, uri)
+    assert loaded.run_id == runs["mlp"] and loaded.prepared_path is not None and loaded.spec_yaml
