@@ -15,6 +15,7 @@ Other ONNX models and every TorchScript model get dynamic quantization of their 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -172,6 +173,8 @@ def _to_onnx(model: nn.Module, example: np.ndarray, path: Path) -> None:
     import torch
 
     batch = torch.export.Dim("batch")
+    # The exporter logs a warning per torchvision op it cannot register when torchvision is absent.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
         program = torch.onnx.export(model, (torch.from_numpy(example),), dynamo=True, input_names=[INPUT],

@@ -7,6 +7,7 @@ the store. Bad input (no such store, run or model) raises ``RunLookupError`` wit
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ def load_run_model(model_uri: str, tracking_uri: str | None = None) -> RunModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    # The loads download a few small files each: MLflow's per-download progress bars would fill the terminal.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri or resolve_uri()
     _check_store(uri)
     client = mlflow.tracking.MlflowClient(uri)
