@@ -20,6 +20,9 @@ RULES = {
     "tracking": ("orchard.federated", "orchard.train", "orchard.engine", "orchard.data", "orchard.explain", *TOP),
     # explain reads the prepared data and the run (data.manifest, tracking), never an engine
     "explain": ("orchard.train", "orchard.federated", "orchard.remote", "orchard.bench", "orchard.engine", *TOP),
+    # deploy (registry, serving, export) works on a logged model: no engine, no data preparation
+    "deploy": ("orchard.train", "orchard.federated", "orchard.remote", "orchard.bench", "orchard.explain",
+               "orchard.data.pipeline", *TOP),
     "federated": ("orchard.tracking", "orchard.train", "orchard.remote", "orchard.bench", *TOP),
     "train": ("orchard.tracking", "orchard.federated", "orchard.remote", "orchard.bench", *TOP),
     "remote": ("orchard.tracking", *ENGINES[:2], "orchard.data", *TOP),

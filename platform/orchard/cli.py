@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--baseline", choices=["zeros", "train_mean"], default=None)
     explain.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
 
+    export = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, checked and measured")
+    export.add_argument("model_uri", help="runs:/<run_id>/model, models:/<name>/<version>, or a run id")
+    export.add_argument("--format", dest="fmt", required=True, help="onnx or torchscript")
+    export.add_argument("--quantize", default=None, help="int8: also write and measure an int8 copy")
+    export.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
+
     ui = sub.add_parser("ui", help="open MLflow's dashboard on the store the jobs wrote to")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _run, "prep": _prep, "check": _check, "demo": _demo, "ui": _ui, "bench": _bench,
                  "sync-tracking": _sync_tracking, "submit": _submit, "jobs": _jobs,
-                 "serve": _serve, "promote": _promote, "explain": _explain}[args.verb](args, console)
+                 "serve": _serve, "promote": _promote, "explain": _explain, "export": _export}[args.verb](args, console)
     except SpecError as exc:
         # The message quotes the user's keys and values: "[/x]" there is text, not rich markup.
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
@@ -377,6 +383,28 @@ def _explain(args, console: Console) -> int:
                   f"{summary['seconds']:.1f} s" + (f", completeness error ≤ {check['max_abs_error']:.2g}"
                                                    if check else ""), highlight=False)
     console.print(f"  logged: {', '.join(summary['artifacts'])}", highlight=False)
+    return EXIT_OK
+
+
+def _export(args, console: Console) -> int:
+    from orchard.deploy.export import ExportError, ParityError, export_model, report_table
+
+    try:
+        with console.status(f"exporting {args.model_uri} to {args.fmt}…"):
+            report = export_model(args.model_uri, args.fmt, args.quantize, args.tracking_uri)
+    except ExportError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        return EXIT_BAD_INPUT
+    except ParityError as exc:
+        console.print(f"[bold red]failed:[/] {escape(str(exc))}", highlight=False)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - a converter or quantizer failure: its one line, exit 1
+        console.print(f"[bold red]failed:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        if os.environ.get("ORCHARD_DEBUG"):
+            traceback.print_exc()
+        return EXIT_FAILED
+    console.print(report_table(report))
+    console.print(f"logged to run {report.run_id}: {', '.join(v.artifact for v in report.variants)}, {report.artifact}")
     return EXIT_OK
 
 

@@ -1,1 +1,1 @@
-"""Deployment: the Model Registry, model export and serving (`orchard promote`, `orchard serve`)."""
+"""Deployment: the Model Registry, serving and export of a run's logged model (`orchard promote`, `orchard serve`, `orchard export`)."""
