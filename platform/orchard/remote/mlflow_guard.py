@@ -17,6 +17,9 @@ all before MLflow (or its password check) sees the request:
   a plain path, nothing else (no ``file:``, no absolute or remote location).
 
 A refused request gets ``400`` with MLflow's error JSON (``INVALID_PARAMETER_VALUE``) naming the field.
+The server must parse requests with uvicorn's h11 implementation (``--uvicorn-opts "--http h11"``, as
+``orchard.remote.services.mlflow_server`` starts it): httptools drops whatever follows a ``#`` in the
+request target, so ``x#/../../secret`` would reach this filter (and MLflow) as a harmless ``x``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ def mlflow_server(backend_store_uri: str, artifacts_destination: str, host: str 
            "--artifacts-destination", artifacts_destination, "--serve-artifacts",
            "--host", host, "--port", str(port)]
     if basic_auth:
-        cmd += ["--app-name", "orchard-auth"]
+        # h11, not httptools: httptools drops what a client sent after '#', so the filter could not see it.
+        cmd += ["--app-name", "orchard-auth", "--uvicorn-opts", "--http h11"]
     return cmd
 
 
