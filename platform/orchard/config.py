@@ -493,6 +493,13 @@ class TuneSpec(_Section):
             raise ValueError("resources must be >= 0")
         return v
 
+    @model_validator(mode="after")
+    def _one_federation_at_a_time(self) -> TuneSpec:
+        if self.trial_kind == "federated" and self.max_concurrent_trials > 1:
+            raise ValueError("max_concurrent_trials must be 1 with trial_kind: federated: a Flower simulation "
+                             "sizes its client actors to the whole Ray cluster (its clients run in parallel)")
+        return self
+
     def direction(self) -> str:
         if self.mode != "auto":
             return self.mode

@@ -56,6 +56,9 @@ def test_a_good_space_parses_and_other_sections_stay_checked():
         validate_spec({"name": "t", "kind": "tune"})
     with pytest.raises(SpecError, match="searcher grid needs"):
         validate_spec(_tune_spec({"train.lr": "uniform(0.1, 0.2)"}, searcher="grid"))
+    with pytest.raises(SpecError, match="max_concurrent_trials must be 1"):
+        validate_spec(_tune_spec({"federated.client_lr": "uniform(0.01, 0.1)"}, trial_kind="federated",
+                                 max_concurrent_trials=2))
     with pytest.raises(SpecError, match="tune.metric"):
         validate_spec(_tune_spec({"train.lr": "uniform(0.1, 0.2)"}, metric="test/accuracy"))
 

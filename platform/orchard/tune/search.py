@@ -61,7 +61,7 @@ def _cpus_per_trial(spec: JobSpec, base: JobSpec) -> float:
     own = spec.tune.trial_resources.get("cpu", 1)
     if base.kind == "train":  # the trial's Ray Train workers, and one CPU for Ray Data's read tasks
         return own + base.scaling.num_workers * base.scaling.cpus_per_worker + 1
-    return own + (base.federated.client_cpus or 1)
+    return base.federated.client_cpus or 1  # one trial at a time; its ServerApp thread reserves nothing
 
 
 def _search(spec: JobSpec, base_raw: dict[str, Any], prepared, progress, run_dir: Path, step):
@@ -72,9 +72,10 @@ def _search(spec: JobSpec, base_raw: dict[str, Any], prepared, progress, run_dir
     t = spec.tune
     base = validate_spec(base_raw)
     job = JobRun(spec)
+    started = False
     try:
         job.log_dataset(prepared)
-        start_ray(t.max_concurrent_trials * _cpus_per_trial(spec, base))
+        started = start_ray(t.max_concurrent_trials * _cpus_per_trial(spec, base))
         results = step(progress, f"search: {t.num_samples} × {t.searcher} trials (Ray Tune)",
                        lambda: _fit(spec, base_raw, base, prepared, job, run_dir))
         best, model_uri = step(progress, "log trials, best trial and model (MLflow)",
@@ -84,9 +85,10 @@ def _search(spec: JobSpec, base_raw: dict[str, Any], prepared, progress, run_dir
         job.finish("FAILED")
         raise
     finally:
-        import ray
+        if started:  # a Ray this job joined (a cluster, a Ray job) is not ours to stop
+            import ray
 
-        ray.shutdown()
+            ray.shutdown()
     job.finish("FINISHED")
     headline = ("R²", best["metrics"]["test/r2"]) if "test/r2" in best["metrics"] else (
         "accuracy", best["metrics"].get("test/accuracy", float("nan")))
@@ -107,6 +109,8 @@ def _fit(spec: JobSpec, base_raw: dict[str, Any], base: JobSpec, prepared, job, 
                        parent_run_id=job.run_id, models_dir=str((run_dir / "trial-models").resolve()),
                        cwd=os.getcwd(), metric=t.metric)
     resources = {"cpu": t.trial_resources.get("cpu", 1), "gpu": t.trial_resources.get("gpu", 0)}
+    if base.kind == "federated":  # Flower's client pool counts every CPU of the cluster as its own
+        resources["cpu"] = 0
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     tuner = tune.Tuner(
         trainable, param_space=space,

@@ -121,7 +121,7 @@ def _federate(spec, prepared, job, ctx: TrialContext):
         if ctx.metric in val:
             tune.report({**val, "round": row["round"]})
 
-    with _ray_kept():
+    with _ray_kept(), _clients_outside_trial_group():
         return run_federated(spec, prepared, job.logger, on_round=on_round)
 
 
@@ -137,6 +137,21 @@ def _ray_kept():
         yield
     finally:
         ray.shutdown = shutdown
+
+
+@contextlib.contextmanager
+def _clients_outside_trial_group():
+    """Flower sizes its client-actor pool to the whole Ray cluster (CPUs / client_cpus) and hangs on an actor
+    that never starts; Tune would place those actors inside the trial's placement group, which holds none.
+    So they go to the cluster, and federated trials run one at a time (config refuses more)."""
+    from ray._private.worker import Worker
+
+    saved = Worker.should_capture_child_tasks_in_placement_group
+    Worker.should_capture_child_tasks_in_placement_group = property(lambda self: False)
+    try:
+        yield
+    finally:
+        Worker.should_capture_child_tasks_in_placement_group = saved
 
 
 def latency_ms_per_row(model, prepared, rows: int = 256, repeats: int = 5) -> float:
