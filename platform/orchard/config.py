@@ -475,8 +475,8 @@ class TuneSpec(_Section):
     reduction_factor: float = Field(2.0, gt=1, le=100, description="ASHA: 1/fraction of trials kept per rung.")
     max_concurrent_trials: int = Field(2, ge=1, le=1024, description="Trials running at once.")
     trial_resources: dict[Literal["cpu", "gpu"], float] = Field(
-        {"cpu": 1}, description="Ray resources reserved by each trial's driver (its Ray Train workers or "
-        "Flower clients reserve their own).")
+        {"cpu": 1}, description="Ray resources reserved by each train trial's driver (its Ray Train workers "
+        "reserve their own); a federated trial reserves none (its Flower clients take the cluster's CPUs).")
     seed: int = Field(0, description="Seed of the searcher.")
 
     @field_validator("metric")

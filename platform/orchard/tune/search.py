@@ -110,7 +110,7 @@ def _fit(spec: JobSpec, base_raw: dict[str, Any], base: JobSpec, prepared, job, 
                        cwd=os.getcwd(), metric=t.metric)
     resources = {"cpu": t.trial_resources.get("cpu", 1), "gpu": t.trial_resources.get("gpu", 0)}
     if base.kind == "federated":  # Flower's client pool counts every CPU of the cluster as its own
-        resources["cpu"] = 0
+        resources = {"cpu": 0, "gpu": 0, "memory": 64 * 2**20}  # Tune refuses an empty reservation
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     tuner = tune.Tuner(
         trainable, param_space=space,
