@@ -107,6 +107,7 @@ def _fit(spec: JobSpec, base_raw: dict[str, Any], base: JobSpec, prepared, job, 
     space, encoded = param_space(t)
     ctx = TrialContext(base=base_raw, encoded=encoded, prepared_path=str(prepared.path.resolve()),
                        parent_run_id=job.run_id, models_dir=str((run_dir / "trial-models").resolve()),
+                       groups_dir=str((run_dir / "trial-groups").resolve()),
                        cwd=os.getcwd(), metric=t.metric)
     resources = {"cpu": t.trial_resources.get("cpu", 1), "gpu": t.trial_resources.get("gpu", 0)}
     if base.kind == "federated":  # Flower's client pool counts every CPU of the cluster as its own
@@ -118,10 +119,40 @@ def _fit(spec: JobSpec, base_raw: dict[str, Any], base: JobSpec, prepared, job, 
                                     search_alg=_searcher(spec), scheduler=_scheduler(spec, base),
                                     max_concurrent_trials=t.max_concurrent_trials),
         run_config=tune.RunConfig(name=f"{spec.name}-{job.run_id}", verbose=0,
+                                  callbacks=[_release_groups(Path(ctx.groups_dir))],
                                   storage_path=str((Path(base.scaling.storage_path) / "tune").resolve()),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     return tuner.fit()
+
+
+def _release_groups(folder: Path):
+    """When a trial ends (finished, stopped by the scheduler, failed), remove its Ray Train placement groups
+    that are left (see trial._group_recorder): a stopped trial's would hold their CPUs until the job ends."""
+    from ray import tune
+    from ray._raylet import PlacementGroupID
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    class ReleaseGroups(tune.Callback):
+        def _release(self, trial) -> None:
+            table = placement_group_table()
+            for f in (folder / trial.trial_id).glob("*") if (folder / trial.trial_id).is_dir() else []:
+                if table.get(f.name, {}).get("state") == "REMOVED":
+                    continue  # the trial ended on its own and Ray Train removed it
+                try:
+                    remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(f.name))))
+                    log.info("trial %s: removed its leftover worker placement group %s", trial.trial_id, f.name)
+                except Exception as exc:  # noqa: BLE001 - already gone is fine
+                    log.info("trial %s: placement group %s: %s", trial.trial_id, f.name, exc)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+    return ReleaseGroups()
 
 
 def _searcher(spec: JobSpec):

@@ -28,6 +28,7 @@ class TrialContext:
     prepared_path: str
     parent_run_id: str
     models_dir: str  # each finished trial's model, for the driver to log the best one
+    groups_dir: str  # each trial's Ray Train placement groups, removed by the driver when the trial ends
     cwd: str
     metric: str
 
@@ -91,10 +92,28 @@ def _with(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 
 
 def _train(spec, prepared, job, ctx: TrialContext):
+    from ray import tune
+
     from orchard.train import run_training
 
     return run_training(spec, prepared, job.logger, run_name=f"{spec.name}-{job.run_id}",
-                        callbacks=[_tune_reporter(ctx.metric)])
+                        callbacks=[_tune_reporter(ctx.metric),
+                                   _group_recorder(Path(ctx.groups_dir) / tune.get_context().get_trial_id())])
+
+
+def _group_recorder(folder: Path):
+    """Writes the id of each worker group's placement group. Ray Train's own cleaner, which removes it when
+    the controller dies (a trial the scheduler stopped), needs the state API and so a dashboard, which
+    Orchard's local Ray does not start: without this, every stopped trial would keep its workers' CPUs."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class RecordGroups(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group):
+            pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / pg.id.hex()).touch()
+
+    return RecordGroups()
 
 
 def _tune_reporter(metric: str):
