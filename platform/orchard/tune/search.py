@@ -76,8 +76,9 @@ def _search(spec: JobSpec, base_raw: dict[str, Any], prepared, progress, run_dir
     try:
         job.log_dataset(prepared)
         started = start_ray(t.max_concurrent_trials * _cpus_per_trial(spec, base))
-        results = step(progress, f"search: {t.num_samples} × {t.searcher} trials (Ray Tune)",
-                       lambda: _fit(spec, base_raw, base, prepared, job, run_dir))
+        results, released = step(progress, f"search: {t.num_samples} × {t.searcher} trials (Ray Tune)",
+                                 lambda: _fit(spec, base_raw, base, prepared, job, run_dir))
+        job.log_metrics({"tune/released_groups": released}, step=0)
         best, model_uri = step(progress, "log trials, best trial and model (MLflow)",
                                lambda: _summarise(spec, base, prepared, job, results, run_dir))
         job.log_artifact(run_dir / "engine.log", "logs")
@@ -112,6 +113,7 @@ def _fit(spec: JobSpec, base_raw: dict[str, Any], base: JobSpec, prepared, job, 
     resources = {"cpu": t.trial_resources.get("cpu", 1), "gpu": t.trial_resources.get("gpu", 0)}
     if base.kind == "federated":  # Flower's client pool counts every CPU of the cluster as its own
         resources = {"cpu": 0, "gpu": 0, "memory": 64 * 2**20}  # Tune refuses an empty reservation
+    release = _release_groups(Path(ctx.groups_dir))
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     tuner = tune.Tuner(
         trainable, param_space=space,
@@ -119,11 +121,11 @@ def _fit(spec: JobSpec, base_raw: dict[str, Any], base: JobSpec, prepared, job, 
                                     search_alg=_searcher(spec), scheduler=_scheduler(spec, base),
                                     max_concurrent_trials=t.max_concurrent_trials),
         run_config=tune.RunConfig(name=f"{spec.name}-{job.run_id}", verbose=0,
-                                  callbacks=[_release_groups(Path(ctx.groups_dir))],
+                                  callbacks=[release],
                                   storage_path=str((Path(base.scaling.storage_path) / "tune").resolve()),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
-    return tuner.fit()
+    return tuner.fit(), release.removed
 
 
 def _release_groups(folder: Path):
@@ -135,6 +137,8 @@ def _release_groups(folder: Path):
     from ray.util.placement_group import PlacementGroup
 
     class ReleaseGroups(tune.Callback):
+        removed = 0
+
         def _release(self, trial) -> None:
             table = placement_group_table()
             for f in (folder / trial.trial_id).glob("*") if (folder / trial.trial_id).is_dir() else []:
@@ -142,6 +146,7 @@ def _release_groups(folder: Path):
                     continue  # the trial ended on its own and Ray Train removed it
                 try:
                     remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(f.name))))
+                    self.removed += 1
                     log.info("trial %s: removed its leftover worker placement group %s", trial.trial_id, f.name)
                 except Exception as exc:  # noqa: BLE001 - already gone is fine
                     log.info("trial %s: placement group %s: %s", trial.trial_id, f.name, exc)
