@@ -25,13 +25,15 @@ def child_runs(uri: str, experiment_id: str, parent_run_id: str, trial_tag: str)
     return {r.data.tags[trial_tag]: r for r in runs if trial_tag in r.data.tags}
 
 
-def close_stopped(uri: str, runs: dict[str, Any]) -> int:
-    """Child runs left RUNNING (their trial's actor was killed by the scheduler) end as KILLED."""
+def close_stopped(uri: str, runs: dict[str, Any], errored: set[str]) -> int:
+    """Child runs of trials Tune saw no error from that did not finish were stopped by the scheduler: their
+    actor was killed mid-run (the run left RUNNING) or their engine failed as it was taken down (FAILED).
+    They end as KILLED. ``errored``: trial ids whose failure Tune recorded, left as they are."""
     from mlflow.tracking import MlflowClient
 
     client, n = MlflowClient(uri), 0
-    for run in runs.values():
-        if run.info.status == "RUNNING":
+    for trial_id, run in runs.items():
+        if trial_id not in errored and run.info.status in ("RUNNING", "FAILED"):
             client.set_terminated(run.info.run_id, "KILLED")
             client.set_tag(run.info.run_id, "orchard.tune_stopped", "early (scheduler)")
             n += 1

@@ -194,7 +194,7 @@ def _summarise(spec: JobSpec, base: JobSpec, prepared, job, results, run_dir: Pa
     keys = list(t.space)
     _, encoded = param_space(t)
     runs = child_runs(job.uri, job.experiment_id, job.run_id, TRIAL_TAG)
-    stopped = close_stopped(job.uri, runs)
+    stopped = close_stopped(job.uri, runs, {_trial_id(r) for r in results if r.error})
     runs = child_runs(job.uri, job.experiment_id, job.run_id, TRIAL_TAG)
     models = run_dir / "trial-models"
     rows = []

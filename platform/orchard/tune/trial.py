@@ -62,12 +62,23 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     except BaseException as exc:
         # Tune's stop (the scheduler's decision) arrives as sys.exit in this thread, or as the engine failing
         # once its Tune bridge is gone: either way the trial was stopped, not broken.
-        stopped = isinstance(exc, SystemExit) or _stopping()
+        stopped = isinstance(exc, SystemExit) or _stopping() or _closed_by_driver(job)
         if stopped:
             job.set_tags({"orchard.tune_stopped": "early (scheduler)"})
         job.finish("KILLED" if stopped else "FAILED")
         raise
     job.finish("FINISHED")
+
+
+def _closed_by_driver(job) -> bool:
+    """The search already ended and marked this stopped trial KILLED: an engine failing as its Ray Train
+    workers are taken down must not overwrite that."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(job.uri).get_run(job.run_id).info.status == "KILLED"
+    except Exception:  # noqa: BLE001 - the tracking server is out of reach: report what happened here
+        return False
 
 
 def _stopping() -> bool:
