@@ -19,7 +19,7 @@ def _write(tmp_path: Path, spec: dict) -> Path:
 @pytest.mark.parametrize("job", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_job_validates(job):
     spec = load_spec(job)
-    assert spec.name and spec.kind in ("train", "federated")
+    assert spec.name and spec.kind in ("train", "federated", "tune")
 
 
 def test_typo_names_the_dotted_key_and_suggests_the_nearest(tmp_path):

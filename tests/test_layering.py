@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "orchard"
 
-TOP = ("orchard.cli", "orchard.runner", "orchard.study", "orchard.job_entry")  # entry points: nothing below imports them
+TOP = ("orchard.cli", "orchard.runner", "orchard.study", "orchard.job_entry", "orchard.tune")  # entry points: nothing below imports them
 ENGINES = ("orchard.train", "orchard.federated", "orchard.remote", "orchard.bench", "orchard.explain")
 RULES = {
     "tracking": ("orchard.federated", "orchard.train", "orchard.engine", "orchard.data", "orchard.explain", *TOP),

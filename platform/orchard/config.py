@@ -446,9 +446,102 @@ class ExplainSpec(_Section):
     seed: int = Field(0, description="Seed of the test sample.")
 
 
+_DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
+_DIST_CALL = re.compile(r"\s*([a-z_]+)\s*\((.*)\)\s*", re.DOTALL)
+
+
+def parse_distribution(text: str) -> tuple[str, tuple[Any, ...]]:
+    """``"loguniform(1e-4, 1e-1)"`` -> ("loguniform", (0.0001, 0.1)); ``choice([..])`` -> ("choice", ([..],)).
+
+    The arguments are Python literals read with ``ast.literal_eval`` (never ``eval``). Raises ValueError
+    saying what is wrong. ``randint(low, high)`` includes both ends; ``grid([...])`` is an axis of a grid
+    search (every value, every sample).
+    """
+    import ast
+
+    m = _DIST_CALL.fullmatch(str(text))
+    if not m or m.group(1) not in _DISTRIBUTIONS:
+        raise ValueError(f"{text!r} is not a distribution: use " + ", ".join(
+            f"{d}(...)" for d in _DISTRIBUTIONS))
+    name, body = m.groups()
+    try:
+        args = ast.literal_eval(f"({body},)") if body.strip() else ()
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise ValueError(f"{text!r}: the arguments are not plain literals") from None
+    if name in ("choice", "grid"):
+        if len(args) != 1 or not isinstance(args[0], list) or not args[0]:
+            raise ValueError(f"{text!r}: {name} takes one non-empty list, e.g. {name}([64, 128])")
+        return name, (list(args[0]),)
+    if len(args) != 2 or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+        raise ValueError(f"{text!r}: {name} takes two numbers (low, high)")
+    low, high = args
+    if not low < high:
+        raise ValueError(f"{text!r}: low must be below high")
+    if name == "loguniform" and low <= 0:
+        raise ValueError(f"{text!r}: loguniform needs 0 < low")
+    if name == "randint" and not (isinstance(low, int) and isinstance(high, int)):
+        raise ValueError(f"{text!r}: randint takes two integers")
+    return name, (low, high)
+
+
+def distribution_values(name: str, args: tuple[Any, ...]) -> list[Any]:
+    """The values a spec check tries: both ends of a range, every value of a list."""
+    return list(args[0]) if name in ("choice", "grid") else [args[0], args[1]]
+
+
+class TuneSpec(_Section):
+    trial_kind: Literal["train", "federated"] = Field("train", description="What each trial runs: a train or "
+                                                       "a federated job (the rest of the spec, with sampled values).")
+    space: dict[str, str] = Field(..., min_length=1, description="Dotted spec key -> distribution: "
+                                  "uniform(lo, hi), loguniform(lo, hi), randint(lo, hi) (both ends included), "
+                                  "choice([...]) or grid([...]).")
+    searcher: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random (Ray Tune's sampler), grid (every combination of the grid/choice axes; "
+        "num_samples repeats it), optuna (TPE through ray.tune.search.optuna.OptunaSearch).")
+    num_samples: int = Field(16, ge=1, le=10_000, description="Trials (grid: repeats of the whole grid).")
+    scheduler: Literal["asha", "none"] = Field("asha", description="asha = stop poor trials early on `metric`, "
+                                               "reported every epoch (train) or round (federated).")
+    metric: str = Field("val/accuracy", description="Validation metric the search optimises (val/<name>; a "
+                        "federated trial's fed/val_<name> is reported as val/<name>).")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="auto = min for losses/errors, else max.")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs/rounds every trial runs before it may be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, le=100, description="ASHA: 1/fraction of trials kept per rung.")
+    max_concurrent_trials: int = Field(2, ge=1, le=1024, description="Trials running at once.")
+    trial_resources: dict[Literal["cpu", "gpu"], float] = Field(
+        {"cpu": 1}, description="Ray resources reserved by each train trial's driver (its Ray Train workers "
+        "reserve their own); a federated trial reserves none (its Flower clients take the cluster's CPUs).")
+    seed: int = Field(0, description="Seed of the searcher.")
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_metric(cls, v: str) -> str:
+        if not v.startswith("val/"):
+            raise ValueError("a search optimises a validation metric: val/<name>")
+        return v
+
+    @field_validator("trial_resources")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(x < 0 for x in v.values()):
+            raise ValueError("resources must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _one_federation_at_a_time(self) -> TuneSpec:
+        if self.trial_kind == "federated" and self.max_concurrent_trials > 1:
+            raise ValueError("max_concurrent_trials must be 1 with trial_kind: federated: a Flower simulation "
+                             "sizes its client actors to the whole Ray cluster (its clients run in parallel)")
+        return self
+
+    def direction(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.metric.split("/", 1)[1] in ("loss", "mae", "rmse", "mse") else "max"
+
+
 class JobSpec(_Section):
     name: str = Field(..., min_length=1, description="Job name; also the default MLflow experiment.")
-    kind: Literal["train", "federated"] = Field(..., description="What the job does.")
+    kind: Literal["train", "federated", "tune"] = Field(..., description="What the job does.")
     data: DataSpec = Field(default_factory=DataSpec, description="Data source and preparation.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Model family and shape.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimization (also each client's).")
@@ -457,6 +550,29 @@ class JobSpec(_Section):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking.")
     explain: ExplainSpec | None = Field(
         None, description="Attributions for a test sample after the model is logged (off when absent).")
+    tune: TuneSpec | None = Field(None, description="kind: tune: the search space and how to search it.")
+
+    @model_validator(mode="after")
+    def _tune_section(self) -> JobSpec:
+        if self.kind == "tune" and self.tune is None:
+            raise ValueError("kind: tune needs a tune section (tune.space at least)")
+        if self.kind != "tune" and self.tune is not None:
+            raise ValueError(f"the tune section is only used with kind: tune (this is kind: {self.kind})")
+        return self
+
+    def trial_raw(self, values: dict[str, Any] | None = None) -> dict[str, Any]:
+        """kind: tune -> one trial's raw spec: kind = tune.trial_kind, no tune section, ``values`` set by dotted key."""
+        raw = self.model_dump(mode="json")
+        raw["kind"] = raw.pop("tune")["trial_kind"]
+        for key, value in (values or {}).items():
+            *parents, last = key.split(".")
+            node = raw
+            for p in parents:
+                if not isinstance(node.get(p), dict):  # an unset optional section, e.g. train.early_stopping
+                    node[p] = {}
+                node = node[p]
+            node[last] = value
+        return raw
 
     def digest(self) -> str:
         """Stable hash of the resolved spec (tagged on runs as orchard.spec_hash)."""
@@ -586,10 +702,74 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
 
 def validate_spec(raw: dict[str, Any], origin: str = "<spec>") -> JobSpec:
     try:
-        return JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         lines = [_describe(e) for e in exc.errors()]
         raise SpecError(f"{origin}: invalid spec\n  " + "\n  ".join(lines)) from None
+    if spec.kind == "tune":
+        lines = _check_space(spec)
+        if lines:
+            raise SpecError(f"{origin}: invalid spec\n  " + "\n  ".join(lines))
+    return spec
+
+
+def _field_at(key: str) -> tuple[bool, str]:
+    """Whether dotted ``key`` names a setting (not a section) of the spec schema; else a did-you-mean hint."""
+    import types
+    import typing
+
+    model: type[BaseModel] = JobSpec
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part not in model.model_fields or (i == 0 and part in ("name", "kind", "tune")):
+            close = difflib.get_close_matches(part, list(model.model_fields), n=1, cutoff=0.5)
+            where = ".".join(parts[:i])
+            hint = f" (did you mean '{'.'.join([*parts[:i], close[0]])}'?)" if close else (
+                f" (valid keys{' under ' + where if where else ''}: {', '.join(model.model_fields)})")
+            return False, f"unknown key{hint}"
+        ann = model.model_fields[part].annotation
+        sections = [a for a in (typing.get_args(ann) if isinstance(ann, types.UnionType) or
+                                typing.get_origin(ann) is typing.Union else (ann,))
+                    if isinstance(a, type) and issubclass(a, BaseModel)]
+        if i == len(parts) - 1:
+            return not sections, "is a section, not a setting"
+        if not sections:
+            return False, f"'{'.'.join(parts[:i + 1])}' is a setting, not a section"
+        model = sections[0]
+    return True, ""
+
+
+def _check_space(spec: JobSpec) -> list[str]:
+    """Each ``tune.space`` key must be a spec setting, and every value its distribution can draw must pass
+    that setting's own checks (bounds, choices) in a trial spec: refused now, not in trial 7."""
+    assert spec.tune is not None
+    lines = []
+    for key, text in spec.tune.space.items():
+        name = f"tune.space.{key}"
+        ok, why = _field_at(key)
+        if ok and key.split(".")[0] in ("data", "tracking"):
+            ok, why = False, "cannot be searched: every trial shares one prepared dataset and one parent run"
+        if not ok:
+            lines.append(f"{name}: {why}")
+            continue
+        try:
+            dist, args = parse_distribution(text)
+        except ValueError as exc:
+            lines.append(f"{name}: {exc}")
+            continue
+        if spec.tune.searcher == "grid" and dist not in ("choice", "grid"):
+            lines.append(f"{name}: searcher grid needs choice([...]) or grid([...]), got {dist}")
+        if dist == "grid" and spec.tune.searcher != "grid":
+            lines.append(f"{name}: grid([...]) needs searcher: grid (use choice([...]) to sample)")
+        for value in distribution_values(dist, args):
+            try:
+                JobSpec.model_validate(spec.trial_raw({key: value}))
+            except ValidationError as exc:
+                errs = [e for e in exc.errors() if ".".join(map(str, e["loc"])).startswith(key)] or exc.errors()
+                lines.append(f"{name}: {text} can draw {value!r}, which the spec refuses: "
+                             + "; ".join(_describe(e) for e in errs))
+                break
+    return lines
 
 
 def spec_yaml(spec: JobSpec) -> str:

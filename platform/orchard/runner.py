@@ -46,6 +46,10 @@ def run_dir_for(spec: JobSpec) -> Path:
 def run_job(spec: JobSpec, console: Console | None = None, resume: bool = False) -> JobSummary:
     """Run ``spec``; with ``resume``, continue its newest unfinished run from the last checkpoint."""
     console = console or Console()
+    if spec.kind == "tune":
+        from orchard.tune import run_tune
+
+        return run_tune(spec, console, resume=resume)
     _check_engine_settings(spec)
     _join_cluster(spec)  # first: joining may re-extract the shipped folder, so nothing is written before
     run_dir = run_dir_for(spec)

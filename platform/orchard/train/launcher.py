@@ -114,13 +114,14 @@ def _hang_timeouts(seconds: float):
 
 
 def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | None = None, *,
-                 progress_file: Path | None = None, run_name: str | None = None) -> RunResult:
+                 progress_file: Path | None = None, run_name: str | None = None,
+                 callbacks: list | None = None) -> RunResult:
     """Fit ``spec`` on ``prepared`` and return the model, its history and test figures.
 
     Per-epoch and test metrics go to ``logger`` (anything picklable with ``log_metrics(metrics, step)``:
     it is called on the Ray Train controller), the latest epoch to ``progress_file``. A ``run_name`` seen
     before (under ``scaling.storage_path``) resumes from that run's latest checkpoint; without one the run
-    is always fresh.
+    is always fresh. ``callbacks`` are further Ray Train ``UserCallback``s (a Tune trial's report bridge).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -161,7 +162,7 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
             storage_path=str(Path(spec.scaling.storage_path).resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.scaling.keep_checkpoints),
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
-            callbacks=[_progress_callback(logger, progress_file), _restart_counter(logger)],
+            callbacks=[_progress_callback(logger, progress_file), _restart_counter(logger), *(callbacks or [])],
         ),
     )
     log.info("fitting %s with %d worker(s), gpu=%s", spec.name, spec.scaling.num_workers, use_gpu)
