@@ -86,7 +86,7 @@ def test_a_small_search_tracks_one_parent_and_a_child_run_per_trial(tmp_path, mo
         "model": {"family": "mlp", "hidden": [32]},
         "train": {"epochs": 2, "batch_size": 64},
         "scaling": {"num_workers": 1, "use_gpu": False},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "register": "tune-best"},
         "tune": {"space": {"train.lr": "loguniform(1e-3, 3e-2)", "model.hidden": "choice([[16], [64, 32]])"},
                  "num_samples": 3, "scheduler": "asha", "max_concurrent_trials": 2, "seed": 1},
     })
@@ -112,4 +112,9 @@ def test_a_small_search_tracks_one_parent_and_a_child_run_per_trial(tmp_path, mo
     artifacts = {f.path for f in client.list_artifacts(summary.run_id, "plots")}
     assert "plots/tune_trials.png" in artifacts
     assert "plots/pareto_front.png" in artifacts  # model.hidden searched: an architecture search
-    assert summary.model_uri is not None and summary.headline[1] > 0.5
+    assert summary.headline[1] > 0.5
+    # The whole search's energy on the parent; the best model registered once, tagged with its test metrics.
+    assert parent.data.metrics["energy/kwh"] > 0 and "orchard.energy_source" in parent.data.tags
+    assert summary.model_uri == "models:/tune-best/1"
+    version = client.get_model_version("tune-best", "1")
+    assert float(version.tags["test/accuracy"]) == pytest.approx(best.data.metrics["test/accuracy"])

@@ -24,7 +24,7 @@ log = logging.getLogger("orchard.tune")
 
 def run_tune(spec: JobSpec, console: Console | None = None, resume: bool = False):
     from orchard.console import engine_output_to
-    from orchard.runner import _check_tracking, _prepare, _progress, _step, run_dir_for
+    from orchard.runner import _check_tracking, _energy_meter, _prepare, _progress, _step, run_dir_for
 
     console = console or Console()
     if resume:
@@ -32,11 +32,12 @@ def run_tune(spec: JobSpec, console: Console | None = None, resume: bool = False
     base = _trial_base(spec)
     run_dir = run_dir_for(spec)
     log_path = run_dir / "engine.log"
+    meter = _energy_meter(spec)  # the whole search's energy (every trial runs on this machine) on the parent
     t0 = time.perf_counter()
     with engine_output_to(log_path, console) as term, _progress(term) as progress:
         _check_tracking(spec)
         prepared = _step(progress, "prepare data once (Spark)", lambda: _prepare(validate_spec(base), log_path))
-        summary = _search(spec, base, prepared, progress, run_dir, _step)
+        summary = _search(spec, base, prepared, progress, run_dir, _step, meter)
     summary.wall_s = time.perf_counter() - t0
     summary.log_path = log_path
     return summary
@@ -48,6 +49,7 @@ def _trial_base(spec: JobSpec) -> dict[str, Any]:
 
     raw = spec.trial_raw()
     raw["tracking"]["uri"] = resolve_uri(spec)
+    raw["tracking"]["register"] = None  # the search registers its best model once, not every trial's
     raw["scaling"]["storage_path"] = str(Path(spec.scaling.storage_path).resolve())
     trial = validate_spec(raw, origin=f"{spec.name} (trial spec)")
     if trial.kind == "federated":
@@ -64,7 +66,7 @@ def _cpus_per_trial(spec: JobSpec, base: JobSpec) -> float:
     return base.federated.client_cpus or 1  # one trial at a time; its ServerApp thread reserves nothing
 
 
-def _search(spec: JobSpec, base_raw: dict[str, Any], prepared, progress, run_dir: Path, step):
+def _search(spec: JobSpec, base_raw: dict[str, Any], prepared, progress, run_dir: Path, step, meter=None):
     from orchard.raystart import start_ray
     from orchard.runner import JobSummary
     from orchard.tracking import JobRun
@@ -74,6 +76,8 @@ def _search(spec: JobSpec, base_raw: dict[str, Any], prepared, progress, run_dir
     job = JobRun(spec)
     started = False
     try:
+        if meter is not None:
+            job.attach_energy(meter)
         job.log_dataset(prepared)
         started = start_ray(t.max_concurrent_trials * _cpus_per_trial(spec, base))
         results, released = step(progress, f"search: {t.num_samples} × {t.searcher} trials (Ray Tune)",
@@ -91,6 +95,14 @@ def _search(spec: JobSpec, base_raw: dict[str, Any], prepared, progress, run_dir
 
             ray.shutdown()
     job.finish("FINISHED")
+    if spec.tracking.register and model_uri:
+        from orchard.deploy.registry import register
+
+        version = step(progress, "register best model (MLflow)",
+                       lambda: register(job.uri, model_uri, spec.tracking.register,
+                                                {k: v for k, v in best["metrics"].items()
+                                                 if k.startswith("test/") and v is not None}))
+        model_uri = f"models:/{spec.tracking.register}/{version}"
     headline = ("R²", best["metrics"]["test/r2"]) if "test/r2" in best["metrics"] else (
         "accuracy", best["metrics"].get("test/accuracy", float("nan")))
     return JobSummary(name=spec.name, kind=spec.kind, engine=f"Ray Tune ({len(results)} {base.kind} trials, "
