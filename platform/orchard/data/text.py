@@ -153,12 +153,16 @@ def window_starts(length: int, seq_len: int, stride: int) -> np.ndarray:
     return np.arange(0, max(0, length - seq_len), stride)
 
 
-def split_of(n: int, seq_len: int, train: float, val: float) -> np.ndarray:
-    """Each of ``n`` samples' split in time order ('' = left out: it overlaps the previous split's text)."""
+def split_of(n: int, overlap: int, train: float, val: float) -> np.ndarray:
+    """Each of ``n`` samples' split in time order ('' = left out: it overlaps the previous split's text).
+
+    ``overlap``: how many consecutive windows share text (``seq_len`` at stride 1), so ``overlap - 1``
+    windows are skipped after each cut. Train is the first ``int(train * n)`` samples, as in LEAF.
+    """
     out = np.full(n, "", dtype=object)
     n_train = max(1, int(train * n))
     n_val = int(val * n)
-    gap = seq_len - 1
+    gap = overlap - 1
     out[:n_train] = "train"
     val_end = min(n, n_train + gap + n_val) if n_val else n_train
     if n_val:
