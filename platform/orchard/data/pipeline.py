@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from orchard.config import DataSpec
-from orchard.data import categories, clean, normalize, readers, rowparse, split
+from orchard.data import categories, clean, normalize, readers, rowparse, split, text
 from orchard.data.manifest import SPLITS
 from orchard.data.source import Source, task_of
 from orchard.data.write import (
@@ -53,7 +53,11 @@ def run(
     regression = task_of(source, data) == "regression"
     stage = tmp / SPARK_DIR
     step = _Steps()
-    raw = readers.read(spark, source, group)
+    found = None
+    if source.kind == "text":
+        raw, found = readers.read_text(spark, source, data, group)
+    else:
+        raw = readers.read(spark, source, group)
     step("number rows")
     # data.sample picks rows by a hash of their number, so sampling the parsed rows keeps the same ones.
     rows, sampled = _sampled(readers.parse(raw, source, regression, group), data)
@@ -61,9 +65,14 @@ def run(
     step("parse")
     good, bad = parsed.filter(F.col("_ok")), parsed.filter(~F.col("_ok"))
     tally = clean.tally(parsed, source, regression, data.task == "auto")
+    if found is not None:
+        tally = _token_classes(tally, found)
     log.info("%d rows read, %d quarantined, %d classes", tally.input, tally.quarantined, len(tally.classes))
     step("tally")
-    assigned = split.assign(spark, clean.indexed(good, tally, regression), data.split, not regression, stage,
+    split_spec = data.split
+    if source.kind == "text" and split_spec.column is None:  # a text source splits each client in time order
+        split_spec = split_spec.model_copy(update={"column": source.split_column})
+    assigned = split.assign(spark, clean.indexed(good, tally, regression), split_spec, not regression, stage,
                             len(tally.classes))
     # What later steps no longer read leaves the disk now: at 50M rows each staged copy is gigabytes.
     shutil.rmtree(stage / "vectors", ignore_errors=True)
@@ -95,6 +104,7 @@ def run(
     if sum(sizes.values()) != distinct:  # a lost row is a bug here, never something to ship
         raise RuntimeError(f"prep lost rows: {distinct} distinct rows but splits hold {sizes}")
     manifest = _manifest(spark, source, data, tally, stats, counts, shape, digest)
+    manifest["split"] = split_spec.model_dump(mode="json")
     # Distinct rows whose feature vector another row also has (with another label or partition value);
     # split.assign keeps each such vector in one split, so they are counted in the splits, not dropped.
     manifest["overlap"] = overlap
@@ -106,6 +116,11 @@ def run(
         manifest["features"] = [*source.features, *source.categorical]
         manifest["feature_dim"] = width
         manifest["categorical"] = categories.describe(vocab, d)
+    if found is not None:
+        manifest["vocabulary"] = text.describe_vocabulary(found.vocabulary)
+        manifest["text"] = {"seq_len": data.seq_len, "stride": data.text.stride, "clients": found.clients,
+                            "dropped_clients": found.dropped, "min_samples": data.text.min_samples,
+                            "user_column": text.USER_COLUMN}
     if group is not None:
         manifest["partition_column"] = {"source": group, "column": "group",
                                         "distinct": {s: distinct_groups(tmp / s) for s in SPLITS}}
@@ -141,6 +156,13 @@ def _sampled(raw: DataFrame, data: DataSpec) -> tuple[DataFrame, dict | None]:
     before = raw.count()
     kept = split.sample(raw, data.sample, data.split.seed)
     return kept, {"sample": data.sample, "seed": data.split.seed, "source_rows": before}
+
+
+def _token_classes(tally: clean.Tally, found) -> clean.Tally:
+    """Next-token classes are the whole vocabulary, so a label (class index) is its character id."""
+    size = len(found.vocabulary) + 1
+    index = {key: int(tally.classes[i]) for key, i in tally.index.items()}
+    return clean.Tally(tally.input, tally.quarantined, list(range(size)), index)
 
 
 def _target_stats(train: DataFrame) -> dict[str, float]:

@@ -45,6 +45,8 @@ def read(spark: SparkSession, source: Source, group: str | None = None) -> DataF
         return _read_sklearn(spark, source)
     if source.kind == "arrays":
         return _read_arrays(spark, source)
+    if source.kind == "text":
+        raise RuntimeError("text sources are read with read_text (they need the data section)")
     if source.kind == "csv":
         return _read_csv(spark, source, group)
     return _read_parquet(spark, source, group)
@@ -80,7 +82,16 @@ def quoted(name: str) -> Column:
     return F.col("`" + name.replace("`", "``") + "`")
 
 
-def vector_frame(spark: SparkSession, x, y, splits=None) -> DataFrame:
+def read_text(spark: SparkSession, source: Source, data, group: str | None = None):
+    """A text source's windows (see ``orchard.data.text``), built on the driver; (raw frame, samples)."""
+    from orchard.data import text
+
+    found = text.samples(text.read_archive(source.location), data)
+    groups = found.users if group is not None else None
+    return vector_frame(spark, found.x, found.y, found.splits, groups), found
+
+
+def vector_frame(spark: SparkSession, x, y, splits=None, groups=None) -> DataFrame:
     """A raw frame from in-memory arrays (features (n, D), labels (n,)), handed to Spark through Arrow."""
     import numpy as np
     import pyarrow as pa
@@ -91,6 +102,8 @@ def vector_frame(spark: SparkSession, x, y, splits=None) -> DataFrame:
                "_y": pa.array(y.astype(np.int64) if y.dtype.kind in "iub" else y)}
     if y.dtype.kind not in "iubf":
         columns["_y"] = pa.array(y.astype(str))
+    if groups is not None:
+        columns[GROUP_RAW] = pa.array(groups.astype(str))
     if splits is not None:
         columns[SPLIT_RAW] = pa.array(splits.astype(str))
     return spark.createDataFrame(pa.table(columns))

@@ -27,7 +27,7 @@ from typing import Literal
 from urllib.parse import unquote, urlparse
 
 from orchard.config import DataSpec, SpecError
-from orchard.data import arrays, images
+from orchard.data import arrays, images, text
 from orchard.data.manifest import slug
 
 # Bump when the prep's output for the same input changes, so old folders are not reused.
@@ -41,7 +41,7 @@ REMOTE_SCHEMES = ("s3a", "s3", "s3n", "gs", "gcs", "hdfs", "abfs", "abfss")
 
 @dataclass(frozen=True)
 class Source:
-    kind: Literal["sklearn", "csv", "parquet", "images", "arrays"]
+    kind: Literal["sklearn", "csv", "parquet", "images", "arrays", "text"]
     location: str  # the sklearn dataset name, the resolved file/folder path, or a remote URI as given
     slug: str
     columns: tuple[str, ...]  # every column the source has, in source order
@@ -56,6 +56,8 @@ class Source:
     def describe(self) -> str:
         if self.kind == "sklearn":
             return f"sklearn:{self.location}"
+        if self.kind == "text":
+            return f"{text.PREFIX}{self.location}"
         return f"images:{self.location}" if self.kind == "images" else self.location
 
 
@@ -63,6 +65,8 @@ def resolve(data: DataSpec) -> Source:
     """Find the source and its columns; refuse missing files/columns with a SpecError naming them."""
     not_numeric: dict[str, str] = {}
     shape: tuple[int, ...] | None = None
+    if text.is_text_source(data.source) or data.task == "next_token":
+        return _text_source(data)
     if data.source.startswith("sklearn:"):
         kind, location, columns = "sklearn", *_sklearn_columns(data.source, data.label)
     elif data.source.startswith(images.PREFIX):
@@ -97,6 +101,27 @@ def resolve(data: DataSpec) -> Source:
     source = Source(kind, location, name, tuple(columns), tuple(features), data.label, tuple(categorical),
                     remote=_scheme(location) in REMOTE_SCHEMES, header=data.header, image=shape)
     return _with_split_column(source, data)
+
+
+def _text_source(data: DataSpec) -> Source:
+    """``shakespeare:ARCHIVE``: columns x0..x{seq_len-1} (character ids), label, user, split (see ``data.text``)."""
+    if not text.is_text_source(data.source):
+        raise SpecError(f"data.task: next_token needs a text source ({text.PREFIX}ARCHIVE), not {data.source}")
+    if data.task != "next_token":
+        raise SpecError(f"data.task: {data.source} is a text source; set data.task: next_token")
+    if data.normalize != "none":
+        raise SpecError("data.normalize: next_token features are character ids; set data.normalize: none")
+    for key in ("features", "categorical", "image_shape", "sequence_shape"):
+        if getattr(data, key):
+            raise SpecError(f"data.{key}: a text source has no {key.replace('_', ' ')} (windows are data.seq_len "
+                            "characters)")
+    if data.split.column not in (None, text.SPLIT_COLUMN):
+        raise SpecError(f"data.split.column: a text source splits each client in time order ({text.SPLIT_COLUMN!r})")
+    archive = text.archive_of(data.source)
+    features = tuple(_pixel_columns(data.seq_len))
+    columns = (*features, data.label, text.USER_COLUMN, text.SPLIT_COLUMN)
+    return Source("text", str(archive), "shakespeare", columns, features, data.label,
+                  split_column=text.SPLIT_COLUMN)
 
 
 def is_csv(name: str) -> bool:
@@ -160,6 +185,8 @@ def _pick_categorical(data: DataSpec, columns: list[str], where: str, kind: str)
 def content_hash(source: Source, data: DataSpec) -> str:
     """sha256 over the source's content and the data settings that change the output."""
     h = hashlib.sha256(PREP_VERSION.encode())
+    if source.kind == "text":
+        h.update(text.VERSION.encode())  # the parser and windowing: a change re-prepares text sources only
     if source.kind == "sklearn":
         import sklearn
 
@@ -177,8 +204,10 @@ def content_hash(source: Source, data: DataSpec) -> str:
             # In a folder, which file holds which bytes is part of the content.
             h.update(file.relative_to(root).as_posix().encode() if root.is_dir() else b"")
             _hash_file(h, file)
-    # Where the output goes and how Spark runs do not change what is produced.
-    settings = data.model_dump(mode="json", exclude={"output", "spark"})
+    # Where the output goes and how Spark runs do not change what is produced; the text settings change
+    # only a text source's output (left out otherwise, so other sources keep their folders).
+    exclude = {"output", "spark"} | (set() if source.kind == "text" else {"seq_len", "text"})
+    settings = data.model_dump(mode="json", exclude=exclude)
     h.update(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
     return h.hexdigest()[:16]
 

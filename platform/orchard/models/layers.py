@@ -49,6 +49,19 @@ def dense_stack(in_dim: int, widths: Sequence[int], spec: ModelSpec) -> tuple[nn
     return nn.Sequential(*layers), in_dim
 
 
+class TokenEmbedding(nn.Module):
+    """Token ids (carried as floats in the prepared features, exact below 2**24) to vectors: [batch, steps, dim]."""
+
+    def __init__(self, vocab_size: int, dim: int, steps: int) -> None:
+        super().__init__()
+        self.steps = steps
+        self.embed = nn.Embedding(vocab_size, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.reshape(x.shape[0], self.steps)
+        return self.embed(ids if ids.dtype == torch.long else ids.round().long())
+
+
 class SequenceHead(nn.Module):
     """Pools a [batch, steps, width] sequence to one vector, then the dense head."""
 

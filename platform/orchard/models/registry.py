@@ -27,6 +27,7 @@ class Dims:
     image_shape: Sequence[int] | None = None
     seq_shape: Sequence[int] | None = None  # data.sequence_shape as given; None = derive it
     cardinalities: Sequence[int] = ()
+    vocab_size: int | None = None  # next_token data: features are token ids below this
 
     def sequence_shape(self) -> tuple[int, int]:
         return sequence_shape(self.feature_dim, self.image_shape, self.seq_shape)
@@ -67,15 +68,19 @@ def num_outputs(manifest: dict, loss: str = "auto") -> int:
 
 
 def build_from_dims(spec: ModelSpec, feature_dim: int, num_outputs: int, image_shape: Sequence[int] | None = None,
-                    seq_shape: Sequence[int] | None = None, cardinalities: Sequence[int] = ()) -> nn.Module:
+                    seq_shape: Sequence[int] | None = None, cardinalities: Sequence[int] = (),
+                    vocab_size: int | None = None) -> nn.Module:
     """The module ``spec.family`` names, sized by explicit dims (tests, or callers without a manifest)."""
     builder = FAMILIES.get(spec.family)
     if builder is None:
         raise ValueError(f"model.family: unknown family {spec.family!r}; valid: {', '.join(FAMILIES)}")
+    if vocab_size and spec.family not in ("rnn", "transformer"):
+        raise ValueError(f"data.task: next_token data (token ids) needs model.family rnn or transformer, "
+                         f"not {spec.family}")
     if cardinalities and spec.family != "mlp":
         raise ValueError(f"data.categorical: embeddings for categorical columns need model.family=mlp, "
                          f"not {spec.family}")
-    return builder(spec, Dims(feature_dim, num_outputs, image_shape, seq_shape, tuple(cardinalities)))
+    return builder(spec, Dims(feature_dim, num_outputs, image_shape, seq_shape, tuple(cardinalities), vocab_size))
 
 
 def build_model(spec: JobSpec, manifest: dict) -> nn.Module:
@@ -85,8 +90,9 @@ def build_model(spec: JobSpec, manifest: dict) -> nn.Module:
     with BCE has one output); a regression model is wrapped to predict in the target's units.
     """
     cards = [c["cardinality"] for c in manifest.get("categorical") or []]
+    vocab = (manifest.get("vocabulary") or {}).get("size")
     model = build_from_dims(spec.model, manifest["feature_dim"], num_outputs(manifest, spec.train.loss),
-                            manifest.get("image_shape"), spec.data.sequence_shape, cards)
+                            manifest.get("image_shape"), spec.data.sequence_shape, cards, vocab)
     stats = manifest.get("target_stats")
     if manifest.get("task") == "regression" and stats:
         model = TargetScale(model, stats["mean"], stats["std"])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from orchard.config import ModelSpec
-from orchard.models.layers import SequenceHead, activation
+from orchard.models.layers import SequenceHead, TokenEmbedding, activation
 
 if TYPE_CHECKING:
     from orchard.models.registry import Dims
@@ -18,12 +18,15 @@ if TYPE_CHECKING:
 class TransformerEncoder(nn.Module):
     """Pre-norm encoder with learned positions; attention runs through scaled_dot_product_attention."""
 
-    def __init__(self, seq_shape: Sequence[int], num_outputs: int, spec: ModelSpec) -> None:
+    def __init__(self, seq_shape: Sequence[int], num_outputs: int, spec: ModelSpec,
+                 vocab_size: int | None = None) -> None:
         super().__init__()
         steps, feats = seq_shape
         self.seq_shape = (steps, feats)
         self.cls = spec.pooling == "cls"
-        self.embed = nn.Linear(feats, spec.d_model)
+        # Token ids are embedded straight to d_model; real-valued steps are projected.
+        self.tokens = TokenEmbedding(vocab_size, spec.d_model, steps) if vocab_size else None
+        self.embed = None if vocab_size else nn.Linear(feats, spec.d_model)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.d_model)) if self.cls else None
         self.pos = nn.Parameter(torch.randn(1, steps + int(self.cls), spec.d_model) * 0.02)
         self.blocks = nn.ModuleList(_Block(spec) for _ in range(spec.layers))
@@ -31,7 +34,7 @@ class TransformerEncoder(nn.Module):
         self.head = SequenceHead(spec.d_model, num_outputs, spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x.reshape(x.shape[0], *self.seq_shape))
+        h = self.tokens(x) if self.tokens is not None else self.embed(x.reshape(x.shape[0], *self.seq_shape))
         if self.cls_token is not None:
             h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
         h = h + self.pos
@@ -62,4 +65,4 @@ class _Block(nn.Module):
 
 
 def build(spec: ModelSpec, dims: Dims) -> TransformerEncoder:
-    return TransformerEncoder(dims.sequence_shape(), dims.num_outputs, spec)
+    return TransformerEncoder(dims.sequence_shape(), dims.num_outputs, spec, dims.vocab_size)
