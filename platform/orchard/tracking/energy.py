@@ -85,22 +85,23 @@ class EnergyMeter:
 
     def read(self) -> tuple[float, float] | None:
         """(kWh, kg CO₂eq) so far, or None if the meter could not start."""
-        tracker = self._wait()
-        if tracker is None:
-            return None
-        with self._lock:
-            tracker.flush()
-            data = tracker._prepare_emissions_data()  # what flush() just computed: the totals so far
-        return float(data.energy_consumed), float(data.emissions)
+        return self._totals(final=False)
 
     def stop(self) -> tuple[float, float] | None:
         """Final (kWh, kg CO₂eq); the meter stops measuring."""
+        return self._totals(final=True)
+
+    def _totals(self, final: bool) -> tuple[float, float] | None:
         tracker = self._wait()
         if tracker is None:
             return None
         with self._lock:
-            tracker.stop()
-            data = tracker.final_emissions_data
+            if final:
+                tracker.stop()
+                data = tracker.final_emissions_data
+            else:
+                tracker.flush()
+                data = tracker._prepare_emissions_data()  # what flush() just computed: the totals so far
         return float(data.energy_consumed), float(data.emissions)
 
     @property
