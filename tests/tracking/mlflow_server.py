@@ -49,7 +49,7 @@ class MlflowServer:
         finally:
             conn.close()
 
-    def start(self, timeout_s: float = 120.0) -> None:
+    def start(self, timeout_s: float = 300.0) -> None:  # minutes on a busy 2-core box (two test workers)
         argv = mlflow_server(self.backend, str(self.tmp / "mlflow-artifacts"), port=self.port)
         argv[0] = str(Path(sys.executable).with_name("mlflow"))
         # Own session: the server forks workers, and the whole group must go to free the port.

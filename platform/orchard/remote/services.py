@@ -14,13 +14,17 @@ def mlflow_server(backend_store_uri: str, artifacts_destination: str, host: str 
 
     ``basic_auth``: MLflow's basic auth behind Orchard's path-traversal filter (``orchard-auth``, see
     ``orchard.remote.mlflow_guard``)."""
+    # uvicorn kills a worker that does not answer its health ping within 5 s; a worker importing MLflow on a
+    # busy small machine takes longer, and the restarts then go on for minutes. 60 s ends that loop.
+    uvicorn = "--timeout-worker-healthcheck 60"
     cmd = ["mlflow", "server", "--backend-store-uri", backend_store_uri,
            "--artifacts-destination", artifacts_destination, "--serve-artifacts",
            "--host", host, "--port", str(port)]
     if basic_auth:
         # h11, not httptools: httptools drops what a client sent after '#', so the filter could not see it.
-        cmd += ["--app-name", "orchard-auth", "--uvicorn-opts", "--http h11"]
-    return cmd
+        cmd += ["--app-name", "orchard-auth"]
+        uvicorn = "--http h11 " + uvicorn
+    return cmd + ["--uvicorn-opts", uvicorn]
 
 
 def ray_head(port: int = 6379, dashboard_host: str = "127.0.0.1", dashboard_port: int = 8265,
