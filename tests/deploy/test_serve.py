@@ -71,7 +71,10 @@ def registered(tmp_path_factory, digits_prepared):
 
 def _env(uri: str) -> dict[str, str]:
     platform_dir = str(Path(orchard.__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": platform_dir, "MLFLOW_TRACKING_URI": uri}
+    # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH, as in an activated venv
+    # (CI runs the tests with the venv's python but without its bin on PATH).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PYTHONPATH": platform_dir, "MLFLOW_TRACKING_URI": uri, "PATH": path}
 
 
 @pytest.fixture(scope="module")
