@@ -105,7 +105,7 @@ def stack(pg_database):
         s.mlflow = f"http://127.0.0.1:{port}"
         s.dashboard = s.ray_cluster()
         wait_for(lambda: _up(f"{s.mlflow}/health"), "MLflow server")
-        wait_for(lambda: _nodes_alive(s.dashboard) == 2, "2 alive Ray nodes")
+        wait_for(lambda: _nodes_alive(s.dashboard) == 2, "2 alive Ray nodes", timeout_s=300)  # minutes under load
         yield s
     finally:
         s.close()

@@ -50,7 +50,7 @@ def test_job_survives_a_60s_tracking_outage_and_its_run_holds_every_epoch(tmp_pa
     out = tmp_path / "job.out"
     job = None
     try:
-        wait_for(lambda: _nodes_alive(dashboard) == 2, "2 alive Ray nodes")
+        wait_for(lambda: _nodes_alive(dashboard) == 2, "2 alive Ray nodes", timeout_s=300)  # minutes under load
         job = subprocess.Popen(
             [sys.executable, "-m", "orchard.cli", "submit", "jobs/digits-cnn.yaml", "--follow",
              "--address", dashboard, "--set", f"train.epochs={EPOCHS}"],
