@@ -62,8 +62,9 @@ def _pick_fault_seed(spec_kwargs, rounds, clients, min_train):
 def test_crashes_timeouts_and_dropouts_are_counted_and_thin_rounds_skipped(digits_prepared, tmp_path):
     from orchard.federated import run_federated
 
-    # The first round also starts the Ray actors (imports torch and orchard): 20 s covers that here.
-    kwargs = {"rounds": 4, "min_train_clients": 2, "round_timeout_s": 20.0,
+    # The first round also starts the Ray actors (imports torch and orchard): 20 s covered that alone, not
+    # beside a second test worker (CI: every client of round 1 timed out); 60 s does.
+    kwargs = {"rounds": 4, "min_train_clients": 2, "round_timeout_s": 60.0,
               "faults": {"crash": 0.3, "timeout": 0.1, "dropout": 0.2}}
     spec, per_round = _pick_fault_seed(kwargs, rounds=4, clients=4, min_train=2)
     res = run_federated(spec, digits_prepared, None, log_path=tmp_path / "engine.log")
