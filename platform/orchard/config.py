@@ -20,6 +20,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+def _val_metric(v: str, who: str) -> str:
+    """``v`` if it names a validation metric; ``who`` starts the error (what watches the metric)."""
+    if not v.startswith("val/"):
+        raise ValueError(f"{who} a validation metric: val/<name>")
+    return v
+
+
 class SpecError(ValueError):
     """A spec that cannot run. The message names the file and the dotted key."""
 
@@ -187,9 +194,7 @@ class EarlyStoppingSpec(_Section):
     @field_validator("metric")
     @classmethod
     def _validation_metric(cls, v: str) -> str:
-        if not v.startswith("val/"):
-            raise ValueError("early stopping watches a validation metric: val/<name>")
-        return v
+        return _val_metric(v, "early stopping watches")
 
     def direction(self) -> str:
         if self.mode != "auto":
@@ -530,9 +535,7 @@ class TuneSpec(_Section):
     @field_validator("metric")
     @classmethod
     def _validation_metric(cls, v: str) -> str:
-        if not v.startswith("val/"):
-            raise ValueError("a search optimises a validation metric: val/<name>")
-        return v
+        return _val_metric(v, "a search optimises")
 
     @field_validator("trial_resources")
     @classmethod
