@@ -109,10 +109,25 @@ def _only_run(spec: JobSpec):
     return client, runs[0]
 
 
+def _reported_after_death(root: Path, epoch: int) -> bool:
+    """The progress file shows ``epoch`` reported by a worker group started after the injected death."""
+    deaths = root / "deaths"
+    if not deaths.is_file():
+        return False
+    died = deaths.stat().st_mtime
+    states = [read_progress(p) or {} for p in root.glob(f".orchard/runs/*/{FILE_NAME}")]
+    return any(int(s.get("epoch", 0)) >= epoch and float(s.get("report_at", 0)) > died for s in states)
+
+
 def _run_killing_a_worker(spec: JobSpec, tmp_path: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Start the job, SIGKILL one of its workers inside epoch KILL_IN, return (exit code, output)."""
+    """Start the job; once the injected death has happened and the restarted group has reported epoch
+    KILL_IN - 1, SIGKILL one of its workers (inside epoch KILL_IN); return (exit code, output)."""
     driver = _start(spec, tmp_path, env=env)
-    _wait_for_epoch(tmp_path, KILL_IN - 1)
+    deadline = time.time() + 600  # Spark prep included
+    while not _reported_after_death(tmp_path, KILL_IN - 1):
+        assert driver.poll() is None, driver.communicate()[0][-3000:]
+        assert time.time() < deadline, f"epoch {KILL_IN - 1} was never reported after the injected death"
+        time.sleep(0.2)
     _kill_one_train_worker(driver)
     out, _ = driver.communicate(timeout=600)
     return driver.returncode, out
@@ -133,9 +148,10 @@ def test_killed_workers_are_replaced_and_training_resumes_from_the_last_complete
     assert run.info.status == "FINISHED"
     assert _steps(client, run.info.run_id, "train/loss") == list(range(1, EPOCHS + 1))  # each epoch once
     assert _values(client, run.info.run_id, "train/restarts") == [1, 2]
-    resumed = _values(client, run.info.run_id, "train/resumed_from")
+    history = client.get_metric_history(run.info.run_id, "train/resumed_from")
+    resumed = [m.value for m in sorted(history, key=lambda m: m.timestamp)]
     # The interrupted epoch-2 checkpoint was never used: the first restart went back to epoch 1's.
-    assert resumed[0] == 1 and resumed[-1] >= KILL_IN - 1, resumed
+    assert resumed[0] == 1 and resumed[-1] >= KILL_IN - 1, ([(m.step, m.value) for m in history], out[-3000:])
     partial = [c for c in _checkpoints(tmp_path) if not is_complete(c)]
     assert len(partial) == 1, "the copy killed half-way left one incomplete folder in storage"
     assert run.data.metrics["test/accuracy"] > 0.9
