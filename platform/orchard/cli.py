@@ -423,9 +423,10 @@ def _ui(args, console: Console) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", str(_ui_workers())]
     console.print(f"MLflow dashboard on {uri}")
-    # MLflow's job runner (huey consumers for GenAI scorers and trace archival) is ~8 more processes that a
-    # training dashboard never uses; on a small box they delay the first answer. An explicit setting wins.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    # Without MLflow's job runner (see services.MLFLOW_SERVER_ENV); an explicit setting wins.
+    from orchard.remote.services import MLFLOW_SERVER_ENV
+
+    env = {**MLFLOW_SERVER_ENV, **os.environ}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         t0 = time.monotonic()

@@ -123,6 +123,11 @@ def test_ray_services_use_token_auth_with_the_given_token(resolved):
         assert env["RAY_AUTH_TOKEN"] == SECRETS["RAY_AUTH_TOKEN"], name
 
 
+def test_mlflow_service_runs_with_the_stacks_server_environment(resolved):
+    env = resolved["services"]["mlflow"]["environment"]
+    assert {k: env.get(k) for k in services.MLFLOW_SERVER_ENV} == services.MLFLOW_SERVER_ENV
+
+
 def test_mlflow_server_gets_its_secrets_from_the_environment(resolved):
     mlflow = resolved["services"]["mlflow"]
     env = mlflow["environment"]

@@ -101,7 +101,7 @@ def stack(pg_database):
     try:
         port = free_port()
         s.start(services.mlflow_server(pg_database, f"{s.tmp}/artifacts", port=port),
-                {**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{port},localhost:{port}"}, "mlflow.log")
+                {**os.environ, **services.MLFLOW_SERVER_ENV, "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{port},localhost:{port}"}, "mlflow.log")
         s.mlflow = f"http://127.0.0.1:{port}"
         s.dashboard = s.ray_cluster()
         wait_for(lambda: _up(f"{s.mlflow}/health"), "MLflow server")

@@ -15,7 +15,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from orchard.remote.services import mlflow_server
+from orchard.remote.services import MLFLOW_SERVER_ENV, mlflow_server
 from tests.net import free_port, stop_group
 
 
@@ -54,7 +54,7 @@ class MlflowServer:
         argv[0] = str(Path(sys.executable).with_name("mlflow"))
         # Own session: the server forks workers, and the whole group must go to free the port.
         self.proc = subprocess.Popen(argv, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **MLFLOW_SERVER_ENV})
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -7,6 +7,11 @@ two agree, so what the tests prove is what the stack runs. Each function returns
 
 from __future__ import annotations
 
+# The MLflow server's environment beside its argv. MLflow 3 starts a job runner with every server (huey
+# consumers for GenAI scorers and trace archival: ~9 more processes, ~2 GB resident, each importing MLflow)
+# that Orchard never queues work for; on a small machine it is most of the server's start-up.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 
 def mlflow_server(backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1",
                   port: int = 5000, basic_auth: bool = False) -> list[str]:
