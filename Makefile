@@ -61,8 +61,10 @@ lint: install
 unit: install
 	$(PY) -m pytest -q -m "not slow"
 
+# The suite takes ~35 min on 2 cores. Past 80 min something hangs: SIGINT makes pytest stop and still print
+# what failed and what was running (tests/conftest.py names tests running over 10 min as it goes).
 test: install services lint shakespeare-data
-	ORCHARD_TEST_PG_URI=$(PG_URI) $(PY) -m pytest -q --durations=15 -n 2
+	ORCHARD_TEST_PG_URI=$(PG_URI) timeout -s INT -k 120 4800 $(PY) -m pytest -q --durations=15 -n 2
 
 ui: install
 	$(VENV)/bin/orchard ui

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +106,31 @@ def pytest_xdist_make_scheduler(config, log):
             super()._assign_work_unit(node)
 
     return FileGroups(config, log)
+
+
+# -- Watchdog (the controlling process): a test still running after 10 minutes is named on stderr every 5
+# minutes, so a CI log cut off by its time limit still says what was running.
+_started: dict[str, float] = {}
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _started[nodeid] = time.monotonic()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _started.pop(nodeid, None)
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # an xdist worker: its controller watches
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(300)
+            now = time.monotonic()
+            for nodeid, t0 in list(_started.items()):
+                if now - t0 > 600:
+                    print(f"\n[watchdog] still running after {now - t0:.0f} s: {nodeid}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=watch, name="test-watchdog", daemon=True).start()

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -63,6 +64,18 @@ class Stack:
             self.start(services.ray_worker(f"127.0.0.1:{gcs}", num_cpus=2) + agent, env, f"worker-{gcs}-{i}.log")
         return f"http://127.0.0.1:{dash}"
 
+    def wait_nodes(self, dashboard: str, n: int, token: str | None = None, timeout_s: float = 300) -> None:
+        """Until ``n`` nodes are ALIVE; failing (or as soon as a `ray start` exits) with every log's tail."""
+        deadline = time.monotonic() + timeout_s  # minutes on a busy 2-core box (two test workers)
+        while (alive := _nodes_alive(dashboard, token)) != n:
+            exited = [p.args for p in self.procs if p.poll() is not None and "ray" in Path(p.args[0]).name]
+            if exited or time.monotonic() > deadline:
+                logs = sorted(Path(self.tmp).glob("*.log")) + sorted(Path(self.tmp).rglob("session_latest/logs/raylet.out"))
+                tails = "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-1500:]}" for p in logs)
+                waited = timeout_s - (deadline - time.monotonic())
+                raise AssertionError(f"{alive} of {n} Ray nodes alive after {waited:.0f} s; exited: {exited}\n{tails}")
+            time.sleep(1)
+
     def close(self) -> None:
         stop_group(*self.procs)
         kill_strays(self.tmp)
@@ -105,7 +118,7 @@ def stack(pg_database):
         s.mlflow = f"http://127.0.0.1:{port}"
         s.dashboard = s.ray_cluster()
         wait_for(lambda: _up(f"{s.mlflow}/health"), "MLflow server")
-        wait_for(lambda: _nodes_alive(s.dashboard) == 2, "2 alive Ray nodes", timeout_s=300)  # minutes under load
+        s.wait_nodes(s.dashboard, 2)
         yield s
     finally:
         s.close()
@@ -187,7 +200,7 @@ def test_token_auth_refuses_a_submission_without_the_token_and_accepts_it_with(s
     secure = Stack()
     try:
         dashboard = secure.ray_cluster({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, nodes=1)
-        wait_for(lambda: _nodes_alive(dashboard, token) == 1, "token-protected head")
+        secure.wait_nodes(dashboard, 1, token)
         without = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
         refused = subprocess.run([str(BIN / "orchard"), "submit", "jobs/digits-cnn.yaml", "--address", dashboard],
                                  cwd=ROOT, env=without, capture_output=True, text=True, timeout=120)
@@ -211,8 +224,7 @@ def test_a_head_started_outside_its_venv_runs_the_job_with_the_venv_python(tmp_p
     bare = Stack()
     try:
         dashboard = bare.ray_cluster({"PATH": path}, nodes=1)
-        head_log = next(Path(bare.tmp).glob("head-*.log"))
-        wait_for(lambda: _nodes_alive(dashboard) == 1, "a head node started outside its venv", head_log, 300)
+        bare.wait_nodes(dashboard, 1)
         client = JobSubmissionClient(dashboard)
         assert jobs.cluster_python(client) == str(BIN / "python3")  # what the head's Ray workers run
 

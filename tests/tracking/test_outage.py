@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.net import wait_for
-from tests.remote.test_cluster import Stack, _nodes_alive
+from tests.remote.test_cluster import Stack
 from tests.tracking.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -50,7 +49,7 @@ def test_job_survives_a_60s_tracking_outage_and_its_run_holds_every_epoch(tmp_pa
     out = tmp_path / "job.out"
     job = None
     try:
-        wait_for(lambda: _nodes_alive(dashboard) == 2, "2 alive Ray nodes", timeout_s=300)  # minutes under load
+        cluster.wait_nodes(dashboard, 2)
         job = subprocess.Popen(
             [sys.executable, "-m", "orchard.cli", "submit", "jobs/digits-cnn.yaml", "--follow",
              "--address", dashboard, "--set", f"train.epochs={EPOCHS}"],

@@ -85,23 +85,29 @@ def entrypoint(spec_path: str, overrides: list[str], shipped: bool, python: str 
     return prefix + shlex.join(cmd)
 
 
-def cluster_python(c) -> str:
+def cluster_python(c, wait_s: float = 20.0) -> str:
     """The interpreter the head node starts Ray workers with: the job must run there, not `python` on PATH.
 
     A head started as ``.venv/bin/ray start --head`` without the venv on PATH runs its workers with the
     venv's Python while its shell's ``python`` is another one. The raylet's command line (in the
-    dashboard's node summary) names it; any failure to read it falls back to ``python``.
+    dashboard's node summary) names it. A node's command line appears only once its dashboard agent has
+    reported (seconds after start, longer on a busy head), so that is waited for up to ``wait_s``; if the
+    summary cannot be read or never names it, ``python`` (the entry check then names the cause).
     """
-    try:
-        nodes = c._do_request("GET", "/nodes?view=summary").json()["data"]["summary"]
-    except Exception:  # noqa: BLE001 - an older or locked-down dashboard: the entry check still names the cause
-        return "python"
-    nodes.sort(key=lambda n: not (n.get("raylet") or {}).get("isHeadNode", False))  # the driver runs on the head
-    for node in nodes:
-        for arg in node.get("cmdline") or []:
-            if arg.startswith("--python_worker_command="):
-                return arg.split("=", 1)[1].split()[0]
-    return "python"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            nodes = c._do_request("GET", "/nodes?view=summary").json()["data"]["summary"]
+        except Exception:  # noqa: BLE001 - an older or locked-down dashboard
+            nodes = []
+        nodes.sort(key=lambda n: not (n.get("raylet") or {}).get("isHeadNode", False))  # the driver runs on the head
+        for node in nodes:
+            for arg in node.get("cmdline") or []:
+                if arg.startswith("--python_worker_command="):
+                    return arg.split("=", 1)[1].split()[0]
+        if time.monotonic() >= deadline:
+            return "python"
+        time.sleep(1)
 
 
 def spec_in_project(spec_path: str, project_root: Path) -> str:

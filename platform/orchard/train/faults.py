@@ -60,8 +60,15 @@ def upload_fn(epoch: int, rank: int):
 
     def upload(checkpoint, dir_name: str):
         import ray.train
+        from ray.train.v2._internal.execution.context import get_train_context
 
         from orchard.engine.checkpoint import MODEL_FILE
+
+        # As at_epoch_start: first wait until the controller has taken in every earlier report, else this death
+        # can drop the previous epoch's report and checkpoint too, and the restart begins from scratch. (Not
+        # ray.train.get_all_reported_checkpoints(): inside report() its index already counts this report.)
+        ctx = get_train_context()
+        ray.get(ctx.controller_actor.get_all_reported_checkpoints.remote(ctx.report_call_index - 1))
 
         storage = ray.train.get_context().get_storage()
         dest = Path(storage.build_checkpoint_path_from_name(dir_name))
