@@ -63,8 +63,10 @@ unit: install
 
 # The suite takes ~35 min on 2 cores. Past 80 min something hangs: SIGINT makes pytest stop and still print
 # what failed and what was running (tests/conftest.py names tests running over 10 min as it goes).
+# --max-worker-restart=0: a test worker that dies ends the run (its test reported), because xdist's
+# replacement worker for a file-scoped schedule can wait for work forever.
 test: install services lint shakespeare-data
-	ORCHARD_TEST_PG_URI=$(PG_URI) timeout -s INT -k 120 4800 $(PY) -m pytest -q --durations=15 -n 2
+	ORCHARD_TEST_PG_URI=$(PG_URI) timeout -s INT -k 120 4800 $(PY) -m pytest -q --durations=15 -n 2 --max-worker-restart=0
 
 ui: install
 	$(VENV)/bin/orchard ui

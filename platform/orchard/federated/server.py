@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Federation:
     best_round: int | None = None
     best_arrays: dict[str, torch.Tensor] | None = None
     stopped_round: int | None = None  # set when early stopping ended the federation before federated.rounds
+    done: threading.Event = field(default_factory=threading.Event)  # the ServerApp's body has returned
 
 
 class _EarlyStop(Exception):  # noqa: N818 - control flow out of Flower's round loop, not an error
@@ -261,6 +263,9 @@ def make_server_app(spec: JobSpec, manifest: dict, val_xy: tuple[torch.Tensor, t
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, spec, manifest, val_xy, federation, on_round, round_timeout_s, connect_timeout_s)
+        try:
+            run_server(grid, spec, manifest, val_xy, federation, on_round, round_timeout_s, connect_timeout_s)
+        finally:
+            federation.done.set()
 
     return app

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,12 +134,52 @@ def _resolve_client_cpus(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"federated": fed.model_copy(update={"client_cpus": client_cpus})})
 
 
-def _simulate(spec: JobSpec, server_app, client_app_for: Callable[[JobSpec], Any], log_path: Path | None) -> None:
+# After the ServerApp has returned, how long Flower may go on waiting for client calls still in flight.
+RELEASE_AFTER_SERVER_S = 15.0
+
+
+def _release_clients_once_server_is_done(server_done: threading.Event, returned: threading.Event) -> None:
+    """Flower's simulation ends only when every in-flight client call has returned, even after its ServerApp
+    has: a call whose Ray actor never answers (seen on a heavily loaded machine, all actors idle) holds
+    ``run_simulation`` forever. Once the server is done and RELEASE_AFTER_SERVER_S has passed, SIGKILL the
+    ClientApp actors of the local Ray this process runs (none on a cluster): their pending calls fail and
+    Flower ends."""
+    while not server_done.wait(1.0):
+        if returned.is_set():
+            return
+    if returned.wait(RELEASE_AFTER_SERVER_S):
+        return
+    import psutil
+
+    actors = [p for p in psutil.Process().children(recursive=True) if "ClientAppActor" in _name(p)]
+    log.warning("the ServerApp finished %.0f s ago but %d client call(s) are still pending in Flower's "
+                "simulation; stopping its %d ClientApp actor(s) so that it ends", RELEASE_AFTER_SERVER_S,
+                len(actors), len(actors))
+    for p in actors:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _name(p) -> str:
+    import psutil
+
+    try:
+        return " ".join(p.cmdline()) or p.name()
+    except psutil.Error:
+        return ""
+
+
+def _simulate(spec: JobSpec, server_app, client_app_for: Callable[[JobSpec], Any], log_path: Path | None,
+              server_done: threading.Event | None = None) -> None:
     from flwr.simulation import run_simulation
 
     fed = spec.federated
     with engine_logs_to(log_path):
         started = start_ray(task_cpus=fed.client_cpus or 0, task_setting="federated.client_cpus")
+    returned = threading.Event()
+    if server_done is not None:  # a local Ray's actors are this process's descendants; a cluster's are not touched
+        threading.Thread(target=_release_clients_once_server_is_done, args=(server_done, returned),
+                         name="release-clients", daemon=True).start()
     try:
         # Entered after ray.init, which installs its own stderr handler on the "ray" logger.
         with engine_logs_to(log_path):
@@ -148,6 +189,7 @@ def _simulate(spec: JobSpec, server_app, client_app_for: Callable[[JobSpec], Any
                            backend_config={"client_resources": {"num_cpus": spec.federated.client_cpus,
                                                                 "num_gpus": 0.0}})
     finally:
+        returned.set()
         # Flower shuts Ray down when its backend ends; this covers a failure before that point.
         if started:
             import ray
@@ -196,7 +238,8 @@ def run_federated(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | 
                                  round_timeout_s=round_timeout_s, connect_timeout_s=connect_timeout_s)
     folder = partitions.folder.resolve()
     if federation.resume is None or federation.resume.round < spec.federated.rounds:
-        _simulate(spec, server_app, lambda resolved: make_client_app(resolved, manifest, folder), log_path)
+        _simulate(spec, server_app, lambda resolved: make_client_app(resolved, manifest, folder), log_path,
+                  server_done=federation.done)
     else:
         restore_finished_federation(federation)
     if not federation.arrays:
