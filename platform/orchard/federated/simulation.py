@@ -152,9 +152,8 @@ def _release_clients_once_server_is_done(server_done: threading.Event, returned:
     import psutil
 
     actors = [p for p in psutil.Process().children(recursive=True) if "ClientAppActor" in _name(p)]
-    log.warning("the ServerApp finished %.0f s ago but %d client call(s) are still pending in Flower's "
-                "simulation; stopping its %d ClientApp actor(s) so that it ends", RELEASE_AFTER_SERVER_S,
-                len(actors), len(actors))
+    log.warning("the ServerApp finished %.0f s ago but Flower's simulation is still waiting on client calls; "
+                "stopping its %d ClientApp actor(s) so that it ends", RELEASE_AFTER_SERVER_S, len(actors))
     for p in actors:
         with contextlib.suppress(psutil.Error):
             p.kill()
@@ -170,16 +169,16 @@ def _name(p) -> str:
 
 
 def _simulate(spec: JobSpec, server_app, client_app_for: Callable[[JobSpec], Any], log_path: Path | None,
-              server_done: threading.Event | None = None) -> None:
+              server_done: threading.Event) -> None:
     from flwr.simulation import run_simulation
 
     fed = spec.federated
     with engine_logs_to(log_path):
         started = start_ray(task_cpus=fed.client_cpus or 0, task_setting="federated.client_cpus")
     returned = threading.Event()
-    if server_done is not None:  # a local Ray's actors are this process's descendants; a cluster's are not touched
-        threading.Thread(target=_release_clients_once_server_is_done, args=(server_done, returned),
-                         name="release-clients", daemon=True).start()
+    # A local Ray's actors are this process's descendants; a cluster's are not touched.
+    threading.Thread(target=_release_clients_once_server_is_done, args=(server_done, returned),
+                     name="release-clients", daemon=True).start()
     try:
         # Entered after ray.init, which installs its own stderr handler on the "ray" logger.
         with engine_logs_to(log_path):
