@@ -54,6 +54,16 @@ def digits_prepared(tmp_path_factory):
     return load_manifest(write_digits(tmp_path_factory.mktemp("data")))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_ray_for_federations(request):
+    """A Flower simulation in this process must start its own local Ray. Flower sizes its client-actor pool
+    to the node's total CPUs, so on a Ray that an earlier in-process test of this worker left up (its Ray
+    Data or Train actors still holding CPUs) some client actors never start and ``run_simulation`` waits on
+    them forever (seen in CI)."""
+    if "federat" in request.node.nodeid and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
 @pytest.fixture
 def fresh_digits(tmp_path):
     """A private copy, for tests that write partitions and must not see another test's."""
