@@ -8,8 +8,9 @@ Cases (``ORCHARD_BENCH_FED_CASES``, comma separated; default all):
   rounds, MLP 128 — the federation of issue 12.
 
 Both sides train the same model with the same optimizer (``orchard.engine.loop.build_optimizer``), batch,
-local epochs and client partitions (the files ``write_partitions`` writes once), and average the results
-weighted by rows. The baseline is the loop anyone writes first: one process using every core, the clients
+local epochs and client partitions (the files ``write_partitions`` writes once), average the results
+weighted by rows, and score each round's global model on the validation split with the same evaluator
+(``orchard.federated.server.central_evaluator``: the simulation's ServerApp does that every round). The baseline is the loop anyone writes first: one process using every core, the clients
 one after another, no messages, no actors. Where a round samples clients (``fraction_train`` < 1) each side
 draws its own sample of the same size, so the two do the same number of updates on different clients; the
 case name says so. Throughput is client updates per minute over the rounds after the first (start-up and
@@ -97,9 +98,13 @@ def _simulated(case: Case, spec: JobSpec, prepared) -> tuple[float, float, float
 
 def _plain(case: Case, spec: JobSpec, prepared) -> tuple[float, float, float]:
     """(updates/min after round 1, peak MiB, final accuracy) of FedAvg as one plain Python loop."""
+    from flwr.app import ArrayRecord
+
     from orchard.data.manifest import read_split, read_xy
     from orchard.engine.loop import build_optimizer
     from orchard.federated.partitions import client_file, write_partitions
+    from orchard.federated.server import central_evaluator
+    from orchard.federated.simulation import split_tensors
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -108,6 +113,7 @@ def _plain(case: Case, spec: JobSpec, prepared) -> tuple[float, float, float]:
         data = [tuple(map(torch.from_numpy, read_xy([client_file(parts.folder, c)], case.dim)))
                 for c in range(case.clients)]
         model = build_model(spec, prepared.manifest)
+        score_val = central_evaluator(spec, prepared.manifest, split_tensors(prepared, "val"))
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         loss_fn = nn.CrossEntropyLoss()
         per_round = max(1, round(case.clients * case.fraction))
@@ -129,6 +135,7 @@ def _plain(case: Case, spec: JobSpec, prepared) -> tuple[float, float, float]:
                 for k, v in model.state_dict().items():
                     total[k] += v.float() * (len(y) / rows)
             global_state = {k: v.to(global_state[k].dtype) for k, v in total.items()}
+            score_val(ArrayRecord(global_state))
             ends.append(time.perf_counter())
     x_test, y_test = read_split(prepared, "test")
     model.load_state_dict(global_state)

@@ -227,7 +227,7 @@ def run_federated(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | 
     partitions = write_partitions(prepared, spec.federated)
     if spec.federated.client_eval:
         write_val_partitions(prepared, spec.federated, partitions)
-    val_xy = _split_tensors(prepared, "val")
+    val_xy = split_tensors(prepared, "val")
     federation = Federation(partition_counts=list(partitions.counts), checkpoint_dir=checkpoint_dir,
                             resume=load_latest(checkpoint_dir) if checkpoint_dir is not None else None)
     if logger is not None and federation.resume is not None:
@@ -245,7 +245,7 @@ def run_federated(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | 
         raise FederationError("the federation ended without a global model (see the engine log)")
 
     # The one look at the test split, after every round is done.
-    test = central_evaluator(spec, manifest, _split_tensors(prepared, "test"))(federation.arrays)
+    test = central_evaluator(spec, manifest, split_tensors(prepared, "test"))(federation.arrays)
     model = global_model(spec, manifest)
     model.load_state_dict(federation.arrays.to_torch_state_dict())
     # The engine's metrics for the task: accuracy/f1/precision/recall, or mae/rmse/r2 for regression.
@@ -260,7 +260,7 @@ def run_federated(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | 
                      extra={"best_round": federation.best_round, "stopped_round": federation.stopped_round})
 
 
-def _split_tensors(prepared: PreparedData, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def split_tensors(prepared: PreparedData, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = read_split(prepared, split)
     if not len(y):
         raise SpecError(f"data.split.{split}: the {split} split of {prepared.path} is empty; a federation scores "
