@@ -98,4 +98,5 @@ class PeakRSS:
 
 
 BENCHES = {"train": "orchard.bench.train:run", "train-gpu": "orchard.bench.gpu:run",
-           "federated": "orchard.bench.federated:run", "prep": "orchard.bench.prep:run"}
+           "federated": "orchard.bench.federated:run", "prep": "orchard.bench.prep:run",
+           "serve": "orchard.bench.serve:run"}
