@@ -48,7 +48,7 @@ def run(progress: Callable[[str], None] = print) -> list[Result]:
             body = json.dumps({"inputs": [row]}).encode()
             figures: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
             for r in range(repeats):
-                for name, port in servers.items():
+                for name, (_, port) in servers.items():
                     for c in CONCURRENCY:
                         rate, p50, p99 = _load(port, body, c, seconds)
                         figures.setdefault((name, c), []).append((rate, p50, p99))
