@@ -101,15 +101,14 @@ def _start(root: Path, uri: str, model_uri: str, progress) -> dict[str, tuple[su
              "-p", str(theirs), "-h", "127.0.0.1", "-w", "1"]]
     servers = {}
     for (name, port), cmd in zip(ports.items(), cmds, strict=True):
-        log = root / f"{port}.log"
-        servers[name] = (subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=_env(uri),
-                                          start_new_session=True), port)
+        servers[name] = (subprocess.Popen(cmd, stdout=(root / f"{port}.log").open("w"), stderr=subprocess.STDOUT,
+                                          env=_env(uri), start_new_session=True), port)
     try:
         for name, (proc, port) in servers.items():
             progress(f"waiting for {name} on port {port}")
             deadline = time.monotonic() + START_S
+            log = root / f"{port}.log"
             while not _answers(port):
-                log = root / f"{port}.log"
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not start:\n{log.read_text()[-3000:]}")
                 time.sleep(0.5)
@@ -177,16 +176,14 @@ def _results(figures: dict[tuple[str, int], list[tuple[float, float, float]]], r
         for name in names:
             rows = np.array(figures[(name, c)])
             rates = rows[:, 0]
-            if name == ours:
+            row = Result(f"{name}, {c} client(s)", "requests/s", "req/s", float(rates.mean()),
+                         spread=[float(rates.min()), float(rates.max())], repeats=repeats)
+            if name == ours:  # a ratio over the MLflow server, each repeat against the one next to it
                 base = np.array(figures[(theirs, c)])[:, 0]
                 per = rates / base
-                out.append(Result(f"{name}, {c} client(s)", "requests/s", "req/s", float(rates.mean()),
-                                  float(base.mean()), float(rates.mean() / base.mean()),
-                                  note=f"baseline: {theirs}", spread=[float(per.min()), float(per.max())],
-                                  repeats=repeats))
-            else:
-                out.append(Result(f"{name}, {c} client(s)", "requests/s", "req/s", float(rates.mean()),
-                                  spread=[float(rates.min()), float(rates.max())], repeats=repeats))
+                row.baseline, row.ratio = float(base.mean()), float(rates.mean() / base.mean())
+                row.note, row.spread = f"baseline: {theirs}", [float(per.min()), float(per.max())]
+            out.append(row)
             for k, label in ((1, "p50 latency"), (2, "p99 latency")):
                 out.append(Result(f"{name}, {c} client(s)", label, "ms", float(rows[:, k].mean()),
                                   spread=[float(rows[:, k].min()), float(rows[:, k].max())], repeats=repeats))
