@@ -155,8 +155,12 @@ def test_ranks_reduce_to_the_single_process_loss_and_roc_auc():
     task = make_task({"num_classes": 2}, TrainSpec(loss="cross_entropy", class_weights=[1.0, 3.0]))
     single = evaluate(Identity(), _batches(out, y, 1000), torch.device("cpu"), task)
     world = 3
-    results = mp.Manager().dict()
-    mp.spawn(_rank_evaluate, args=(world, free_port(), out, y, results), nprocs=world, join=True)
+    # The Manager's server process is started, not forked: a pytest worker that has run Ray/Spark tests has
+    # many threads, and a fork copies whatever locks they held (a CI run hung here for 15 min).
+    with mp.get_context("spawn").Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank_evaluate, args=(world, free_port(), out, y, results), nprocs=world, join=True)
+        results = dict(results)
     for rank in range(world):
         loss_r, auc_r, n_r = results[rank]
         assert n_r == 403
