@@ -68,6 +68,24 @@ def _call(fn: Callable[[], Any], url: str) -> Any:
         raise ClusterError(str(exc).splitlines()[0]) from None
 
 
+# A freshly started head answers HTTP before its job agent has registered; Ray then refuses the submission
+# with this message ("please try again later"), seen in CI right after `ray start`.
+NO_AGENT = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
+
+
+def _submit_job(c, **kwargs) -> str:
+    """``c.submit_job(**kwargs)``, retried for up to AGENT_WAIT_S while the head has no job agent yet."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return c.submit_job(**kwargs)
+        except RuntimeError as exc:
+            if NO_AGENT not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def runtime_env(project_root: Path, image: str | None = None) -> dict[str, Any]:
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     if image:
@@ -128,9 +146,8 @@ def submit(spec_path: str, overrides: list[str], address: str | None, image: str
     c = client(address)
     url = address_of(address)
     python = "python" if image else cluster_python(c)  # an image has its own interpreter, with orchard
-    job_id = _call(lambda: c.submit_job(entrypoint=entrypoint(rel, overrides, image is None, python),
-                                        runtime_env=runtime_env(root, image),
-                                        metadata={"orchard.spec": rel}), url)
+    job_id = _call(lambda: _submit_job(c, entrypoint=entrypoint(rel, overrides, image is None, python),
+                                       runtime_env=runtime_env(root, image), metadata={"orchard.spec": rel}), url)
     return job_id, f"{url.rstrip('/')}/#/jobs/{job_id}"
 
 
