@@ -208,6 +208,48 @@ def test_a_forged_client_id_does_not_raise_the_cap_which_follows_flowers_node_id
     assert honest.rounds[2].capped == 1
 
 
+class _Nodes:
+    """The one Grid call FedAvg's sampling makes: the node ids connected to the SuperLink."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_node_ids(self):
+        return self.ids
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_node_the_superlink_gave_up_on_counts_once_as_failed_under_its_own_node(digits_prepared):
+    """The SuperLink answers for a node it declared unavailable with an error message from its own id (1), not
+    the node's: the round must count that node failed once, not once for the error and again as "no reply"."""
+    from uuid import uuid4
+
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    spec = _spec(clients=3)  # all three sampled: FedAvg waits until that many nodes are connected
+    counts, global_sd, replies = _client_replies(spec, digits_prepared, range(3))
+    guard = _guard(spec, global_sd, counts)
+    sent = list(guard.configure_train(1, ArrayRecord(global_sd), ConfigRecord({"lr": 1e-2}), _Nodes([100, 101, 102])))
+    assert sorted(m.metadata.dst_node_id for m in sent) == [100, 101, 102]
+    for m in sent:  # what the grid does as it pushes a message
+        m.metadata.__dict__["_message_id"] = str(uuid4())
+    dead = next(m for m in sent if m.metadata.dst_node_id == 102)
+    error = create_message_error_unavailable_res_message(dead.metadata, "node_unavail")
+    assert error.metadata.src_node_id != 102 and error.has_error()
+    arrays, _ = guard.aggregate_train(1, [replies[0], error, replies[1]])
+    assert arrays is not None
+    log = guard.rounds[1]
+    assert (log.metrics()["fed/clients"], log.metrics()["fed/failed"]) == (2, 1)
+    assert [(c["node"], c["status"]) for c in log.clients if c["status"] != "ok"] == [(102, "failed")]
+    # A node that neither replied nor was answered for is counted as no reply, once.
+    again = _guard(spec, global_sd, counts)
+    again.configure_train(1, ArrayRecord(global_sd), ConfigRecord({"lr": 1e-2}), _Nodes([100, 101, 102]))
+    again.aggregate_train(1, replies[:2])
+    assert [(c["node"], c["reason"]) for c in again.rounds[1].clients if c["status"] == "failed"] == [
+        (102, "no reply before federated.round_timeout_s")]
+
+
 @pytest.mark.usefixtures("server_identity")
 @pytest.mark.parametrize("kind", ["extra_arrays", "missing_arrays"])
 def test_replies_with_extra_or_missing_arrays_are_rejected_and_the_rest_aggregated(digits_prepared, kind):

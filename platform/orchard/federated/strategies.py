@@ -246,8 +246,13 @@ class GuardedStrategy(Strategy):
         messages = list(self.inner.configure_train(rnd, arrays, config, grid))
         self.rounds[rnd] = RoundLog(sampled=len(messages),
                                     bytes_sent=sum(record_bytes(m.content[ARRAYS_KEY]) for m in messages))
-        self._sent = {m.metadata.dst_node_id for m in messages}
+        self._sent = [m.metadata for m in messages]  # the grid sets each message_id as it pushes the message
         return messages
+
+    def _sent_to(self) -> tuple[set[int], dict[str, int]]:
+        """This round's instructions: the nodes they went to, and message_id -> node for those pushed."""
+        sent = getattr(self, "_sent", [])
+        return {m.dst_node_id for m in sent}, {m.message_id: m.dst_node_id for m in sent if m.message_id}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:
         rnd = server_round + self.offset
@@ -265,8 +270,11 @@ class GuardedStrategy(Strategy):
     def _screen(self, rnd: int, replies: list[Any], log: RoundLog) -> list[Any]:
         good = []
         answered = set()
+        nodes, sent_to = self._sent_to()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            # An error the SuperLink makes for a node it gave up on (NODE_UNAVAILABLE) comes from the SuperLink's
+            # own id: the node is the one its instruction went to, counted once, not again as "no reply".
+            node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             answered.add(node)
             if msg.has_error():
                 log.failed += 1
@@ -293,7 +301,7 @@ class GuardedStrategy(Strategy):
                 logger.warning("round %d: client %s (node %d): %s", rnd, self.node_client.get(node, "?"), node, note)
             log.clients.append(self._row(rnd, node, "ok", note, float(msg.content[METRICS_KEY]["train_loss"]), n))
             good.append(msg)
-        for node in getattr(self, "_sent", set()) - answered:
+        for node in nodes - answered:
             log.failed += 1
             log.clients.append(self._row(rnd, node, "failed", "no reply before federated.round_timeout_s"))
         return good
