@@ -236,6 +236,7 @@ class GuardedStrategy(Strategy):
         self.seed, self.offset = seed, offset
         self.rounds: dict[int, RoundLog] = {}
         self.node_client: dict[int, int] = {}
+        self._sent: list[Any] = []  # this round's instructions' metadata (the grid sets their message ids)
 
     def summary(self) -> None:
         self.inner.summary()
@@ -246,13 +247,13 @@ class GuardedStrategy(Strategy):
         messages = list(self.inner.configure_train(rnd, arrays, config, grid))
         self.rounds[rnd] = RoundLog(sampled=len(messages),
                                     bytes_sent=sum(record_bytes(m.content[ARRAYS_KEY]) for m in messages))
-        self._sent = [m.metadata for m in messages]  # the grid sets each message_id as it pushes the message
+        self._sent = [m.metadata for m in messages]
         return messages
 
     def _sent_to(self) -> tuple[set[int], dict[str, int]]:
         """This round's instructions: the nodes they went to, and message_id -> node for those pushed."""
-        sent = getattr(self, "_sent", [])
-        return {m.dst_node_id for m in sent}, {m.message_id: m.dst_node_id for m in sent if m.message_id}
+        return ({m.dst_node_id for m in self._sent},
+                {m.message_id: m.dst_node_id for m in self._sent if m.message_id})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:
         rnd = server_round + self.offset

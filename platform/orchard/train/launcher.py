@@ -103,7 +103,7 @@ _POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 0.25
 
 
 @contextmanager
-def _hang_timeouts(seconds: float):
+def _train_env(seconds: float):
     """Bound every wait on another rank: a stopped or deadlocked rank fails the worker group after
     ``seconds`` instead of stalling it forever; and poll workers often. Values the user exported win."""
     wanted = {_HEALTH_CHECK_ENV: str(seconds), _BARRIER_ENV: str(seconds), _POLL_ENV: str(POLL_S)}
@@ -171,7 +171,7 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
     )
     log.info("fitting %s with %d worker(s), gpu=%s", spec.name, spec.scaling.num_workers, use_gpu)
     stamps["fit"] = time.time()
-    with _hang_timeouts(spec.scaling.collective_timeout_s):
+    with _train_env(spec.scaling.collective_timeout_s):
         result = trainer.fit()
     stamps["fit_returned"] = time.time()
     out = _collect(spec, prepared, result.checkpoint, TEST_FILE)
