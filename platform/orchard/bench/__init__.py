@@ -55,6 +55,34 @@ def spread_text(r: dict[str, Any]) -> str:
     return f"{fmt(lo)}–{fmt(hi)} (n={r.get('repeats')})"
 
 
+_PF_FORKNOEXEC = 0x40  # task flag: forked, has not exec'd since (include/linux/sched.h)
+
+
+def _forked_copy(pid: int, rss: dict[int, int]) -> bool:
+    """A child caught between fork and exec (the JVM starting a Python worker, Ray spawning a worker).
+
+    Its RSS is its parent's, pages shared copy-on-write, so counting it would count the parent twice:
+    the flag says it has not exec'd since fork, the name and RSS (within 2%) say it is still a copy.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # comm sits in parentheses and may hold spaces; the fields after it start with state, ppid.
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2:].split()
+    ppid, flags = int(fields[1]), int(fields[6])
+    if not flags & _PF_FORKNOEXEC or ppid not in rss:
+        return False
+    try:
+        with open(f"/proc/{ppid}/comm") as f:
+            parent_comm = f.read().strip()
+    except OSError:
+        return False
+    return parent_comm == comm and abs(rss[pid] - rss[ppid]) <= 0.02 * rss[ppid]
+
+
 class PeakRSS:
     """Peak resident memory of a process (this one by default) and all its descendants, sampled every 0.1 s.
 
@@ -75,13 +103,13 @@ class PeakRSS:
             tree = [root, *root.children(recursive=True)]
         except psutil.Error:
             return 0
-        total = 0
+        rss: dict[int, int] = {}
         for p in tree:
             try:
-                total += p.memory_info().rss
+                rss[p.pid] = p.memory_info().rss
             except psutil.Error:
                 pass
-        return total
+        return sum(n for pid, n in rss.items() if not _forked_copy(pid, rss))
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
