@@ -168,6 +168,36 @@ def _name(p) -> str:
         return ""
 
 
+# How long a federation on an already running Ray waits for other work to free its CPUs.
+FREE_CPUS_WAIT_S = 30.0
+
+
+def _wait_for_free_cpus(timeout_s: float | None = None) -> None:
+    """Wait until no other work holds CPUs on the Ray this process had already started, else refuse.
+
+    Flower sizes its pool of ClientApp actors from every node's *total* CPUs and hands client calls to all
+    of them: an actor that cannot be placed because other work (a notebook's actors, an earlier job whose
+    CPUs Ray frees asynchronously) holds its CPUs never answers, and the simulation hangs with no error.
+    """
+    import time
+
+    import ray
+
+    timeout_s = FREE_CPUS_WAIT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total = float(ray.cluster_resources().get("CPU", 0))
+        free = float(ray.available_resources().get("CPU", 0))
+        if free >= total:
+            return
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"Flower's simulation needs all {total:g} CPUs of the running Ray (it sizes its client pool "
+                f"from every CPU), but {total - free:g} are still held by other work after {timeout_s:g} s: "
+                "end that work (its actors or tasks) or run the federation in a fresh process")
+        time.sleep(0.5)
+
+
 def _simulate(spec: JobSpec, server_app, client_app_for: Callable[[JobSpec], Any], log_path: Path | None,
               server_done: threading.Event) -> None:
     from flwr.simulation import run_simulation
@@ -175,6 +205,8 @@ def _simulate(spec: JobSpec, server_app, client_app_for: Callable[[JobSpec], Any
     fed = spec.federated
     with engine_logs_to(log_path):
         started = start_ray(task_cpus=fed.client_cpus or 0, task_setting="federated.client_cpus")
+    if not started:
+        _wait_for_free_cpus()
     returned = threading.Event()
     # A local Ray's actors are this process's descendants; a cluster's are not touched.
     threading.Thread(target=_release_clients_once_server_is_done, args=(server_done, returned),
