@@ -294,7 +294,7 @@ def read_head(prepared: PreparedData, split: str, rows: int) -> np.ndarray:
     for f in split_files(prepared, split):
         if need <= 0:
             break
-        batches = pq.ParquetFile(f).iter_batches(batch_size=max(rows, 1), columns=[FEATURES_COL])
+        batches = pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=max(rows, 1), columns=[FEATURES_COL])
         while need > 0 and (batch := next(batches, None)) is not None:
             pieces.append(feature_matrix(batch.column(FEATURES_COL))[:need].reshape(-1, dim))
             need -= len(pieces[-1])

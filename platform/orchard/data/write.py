@@ -67,7 +67,10 @@ def finish_split(staged: Path, out: Path, feature_dim: int, files: int, regressi
     Batch by batch, so memory stays bounded whatever the split's size.
     """
     schema = split_schema(feature_dim, regression, grouped)
-    sources = [pq.ParquetFile(f) for f in sorted(staged.glob("part-*.parquet"))] if staged.is_dir() else []
+    # pre_buffer=False: with pyarrow's default, iter_batches pre-buffers every row group of a file and keeps
+    # them until the file is done, so the driver held a whole staged train file (4.7 GiB at 50M rows).
+    sources = ([pq.ParquetFile(f, pre_buffer=False) for f in sorted(staged.glob("part-*.parquet"))]
+               if staged.is_dir() else [])
     total = sum(f.metadata.num_rows for f in sources)
     out.mkdir(parents=True)
     n = max(1, min(files, total))
