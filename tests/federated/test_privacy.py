@@ -183,10 +183,12 @@ def test_fixed_clipping_adds_noise_of_sigma_c_over_m_and_weighs_clients_equally(
 def test_adaptive_clipping_moves_the_norm_towards_the_target_quantile():
     global_nd = _global()
     privacy = {"mode": "central_adaptive", "noise_multiplier": 0.5, "clipping_norm": 1.0, "target_quantile": 0.5}
-    big, _ = _wrapped(privacy, global_nd)
-    big.aggregate_train(1, _replies(global_nd, [1.0] * 4))  # every update (norm 25.5) is clipped
-    small, ledger = _wrapped(privacy, global_nd)
-    small.aggregate_train(1, _replies(global_nd, [1e-4] * 4))  # none is
+    big, _ = _wrapped(privacy, global_nd, clients=40)
+    # 40 replies: the clipped count is noised with stddev max(40/20, 2 * 0.5) = 2, a twentieth of the
+    # fraction; with 4 replies one stddev was a quarter of it and "none clipped" could read as over half.
+    big.aggregate_train(1, _replies(global_nd, [1.0] * 40))  # every update (norm 25.5) is clipped
+    small, ledger = _wrapped(privacy, global_nd, clients=40)
+    small.aggregate_train(1, _replies(global_nd, [1e-4] * 40))  # none is
     # Flower 1.42's own update shrinks the norm when all are clipped (it collapses); ours grows it.
     assert big.clipping_norm > 1.0 > small.clipping_norm
     # Two releases per round: the update and the clipped count.
