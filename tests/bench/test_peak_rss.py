@@ -11,16 +11,23 @@ from orchard.bench import PeakRSS
 MiB = 1 << 20
 
 # The parent fills 300 MiB, then either forks a copy that never execs (what the JVM does for an instant
-# before it execs a Python worker) or starts a new program that fills 300 MiB of its own.
+# each time it starts a process) or starts a new program that fills 300 MiB of its own.
 _SCRIPT = textwrap.dedent("""
-    import os, subprocess, sys, time
+    import ctypes, os, subprocess, sys, threading, time
     block = bytearray(300 << 20)
     for i in range(0, len(block), 4096):
         block[i] = 1
     if sys.argv[1] == "fork":
-        if os.fork() == 0:
-            time.sleep(60)
-            os._exit(0)
+        def spawn():
+            # Forked from a thread with a name of its own, as a JVM forks from its "process reaper" thread:
+            # the child takes that thread's name, not the process's.
+            ctypes.CDLL(None).prctl(15, b"process reaper", 0, 0, 0)  # PR_SET_NAME
+            if os.fork() == 0:
+                time.sleep(60)
+                os._exit(0)
+        thread = threading.Thread(target=spawn)
+        thread.start()
+        thread.join()
     else:
         child = subprocess.Popen([sys.executable, "-c",
                                   "import time\\nb = bytearray(300 << 20)\\n"

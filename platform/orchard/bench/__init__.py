@@ -59,28 +59,25 @@ _PF_FORKNOEXEC = 0x40  # task flag: forked, has not exec'd since (include/linux/
 
 
 def _forked_copy(pid: int, rss: dict[int, int]) -> bool:
-    """A child caught between fork and exec (the JVM starting a Python worker, Ray spawning a worker).
+    """A child caught between fork and exec (the JVM spawning a process, Spark's daemon forking a worker).
 
-    Its RSS is its parent's, pages shared copy-on-write, so counting it would count the parent twice:
-    the flag says it has not exec'd since fork, the name and RSS (within 2%) say it is still a copy.
+    Its RSS is its parent's, pages shared (or, after vfork, the very same address space), so counting it
+    would count the parent twice: the flag says it has not exec'd since fork, the same executable and an
+    RSS within 2% say it is still a copy. Not the name: a child takes the name of the thread that forked
+    it (a JVM's "process reaper" or an executor thread), not the process's.
     """
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
-    except OSError:
+        # The name sits in parentheses and may hold spaces; the fields after it start with state, ppid.
+        fields = stat[stat.rindex(")") + 2:].split()
+        ppid, flags = int(fields[1]), int(fields[6])
+        if not flags & _PF_FORKNOEXEC or ppid not in rss:
+            return False
+        same_program = os.readlink(f"/proc/{pid}/exe") == os.readlink(f"/proc/{ppid}/exe")
+    except (OSError, ValueError, IndexError):
         return False
-    # comm sits in parentheses and may hold spaces; the fields after it start with state, ppid.
-    comm = stat[stat.index("(") + 1:stat.rindex(")")]
-    fields = stat[stat.rindex(")") + 2:].split()
-    ppid, flags = int(fields[1]), int(fields[6])
-    if not flags & _PF_FORKNOEXEC or ppid not in rss:
-        return False
-    try:
-        with open(f"/proc/{ppid}/comm") as f:
-            parent_comm = f.read().strip()
-    except OSError:
-        return False
-    return parent_comm == comm and abs(rss[pid] - rss[ppid]) <= 0.02 * rss[ppid]
+    return same_program and abs(rss[pid] - rss[ppid]) <= 0.02 * rss[ppid]
 
 
 class PeakRSS:
