@@ -24,6 +24,7 @@ import torch
 from orchard.config import JobSpec, SpecError
 from orchard.console import ENGINE_LOGGERS
 from orchard.data.manifest import PreparedData
+from orchard.federated.dispatch import fast_dispatch
 from orchard.federated.partitions import partition_summary, read_split, write_partitions, write_val_partitions
 from orchard.progress import write_progress
 from orchard.raystart import start_ray
@@ -215,10 +216,12 @@ def _simulate(spec: JobSpec, server_app, client_app_for: Callable[[JobSpec], Any
         # Entered after ray.init, which installs its own stderr handler on the "ray" logger.
         with engine_logs_to(log_path):
             spec = _resolve_client_cpus(spec)
-            run_simulation(server_app=server_app, client_app=client_app_for(spec), num_supernodes=fed.clients,
-                           backend_name="ray",
-                           backend_config={"client_resources": {"num_cpus": spec.federated.client_cpus,
-                                                                "num_gpus": 0.0}})
+            with fast_dispatch():
+                run_simulation(server_app=server_app, client_app=client_app_for(spec),
+                               num_supernodes=fed.clients,
+                               backend_name="ray",
+                               backend_config={"client_resources": {"num_cpus": spec.federated.client_cpus,
+                                                                    "num_gpus": 0.0}})
     finally:
         returned.set()
         # Flower shuts Ray down when its backend ends; this covers a failure before that point.
