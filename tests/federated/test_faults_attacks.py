@@ -179,12 +179,13 @@ def test_a_forged_client_id_does_not_raise_the_cap_which_follows_flowers_node_id
 
     # The honest holder of the largest partition answers first: the forger, naming it, gets the smallest.
     forge(replies[small], big)
+    # Before aggregating: the server drops aggregated replies' arrays (release_arrays).
+    expected = _weighted_mean(replies, [counts[c] for c in range(4)])  # small's own size is the smallest
     guard = _guard(spec, global_sd, counts)
     arrays, _ = guard.aggregate_train(1, [replies[big], *[r for c, r in enumerate(replies) if c != big]])
     rows = {c["node"]: c for c in guard.rounds[1].clients}
     assert rows[100 + small]["num_examples"] == min(counts) and rows[100 + big]["num_examples"] == counts[big]
     assert rows[100 + small]["client"] == -1  # bound to no partition
-    expected = _weighted_mean(replies, [counts[c] for c in range(4)])  # small's own size is the smallest
     assert all(torch.allclose(torch.from_numpy(arrays[k].numpy()).double(), expected[k], atol=1e-5) for k in expected)
     # The forger answering first takes the largest partition's cap; the honest holder then gets the smallest.
     _, _, race = _client_replies(spec, digits_prepared, range(4))
@@ -258,6 +259,7 @@ def test_replies_with_extra_or_missing_arrays_are_rejected_and_the_rest_aggregat
     counts, global_sd, replies = _client_replies(spec, digits_prepared, range(4))
     sent = set(replies[bad].content["arrays"])
     assert (len(sent) > len(global_sd)) if kind == "extra_arrays" else (len(sent) < len(global_sd))
+    expected = _weighted_mean([r for c, r in enumerate(replies) if c != bad], [counts[c] for c in range(4) if c != bad])
     guard = _guard(spec, global_sd, counts)
     arrays, _ = guard.aggregate_train(1, replies)
     log = guard.rounds[1]
@@ -265,5 +267,4 @@ def test_replies_with_extra_or_missing_arrays_are_rejected_and_the_rest_aggregat
     (row,) = [c for c in log.clients if c["status"] == "rejected"]
     assert row["client"] == bad and "array keys differ" in row["reason"]
     assert ("extra ['orchard.extra']" in row["reason"]) == (kind == "extra_arrays")
-    expected = _weighted_mean([r for c, r in enumerate(replies) if c != bad], [counts[c] for c in range(4) if c != bad])
     assert all(torch.allclose(torch.from_numpy(arrays[k].numpy()).double(), expected[k], atol=1e-5) for k in expected)

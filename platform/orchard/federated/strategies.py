@@ -223,6 +223,16 @@ def _last_line(reason: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def release_arrays(replies: Iterable[Any]) -> None:
+    """Drop the model arrays from aggregated replies. Flower's ``Strategy.start`` keeps a round's reply list
+    until the next round's replies are in, so without this the ServerApp holds two rounds of client models
+    at once (cnn100: 100 × 1.7 MB more at the peak); an ArrayRecord a strategy returned stays alive."""
+    for msg in replies:
+        if msg.has_content():
+            for key in list(msg.content.array_records):
+                del msg.content[key]
+
+
 class GuardedStrategy(Strategy):
     """Wraps any strategy: validates train replies, records participation, skips thin rounds.
 
@@ -258,15 +268,19 @@ class GuardedStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:
         rnd = server_round + self.offset
         log = self.rounds.setdefault(rnd, RoundLog())
-        good = self._screen(rnd, list(replies), log)
-        if len(good) < self.min_replies:
-            logger.warning("round %d skipped: %d valid replies, federated.min_train_clients=%d",
-                           rnd, len(good), self.min_replies)
-            log.skipped = True
-            return None, None
-        arrays, metrics = self.inner.aggregate_train(rnd, good)
-        log.skipped = arrays is None  # e.g. Bulyan, or a DP wrapper that refused the round
-        return arrays, metrics
+        replies = list(replies)
+        try:
+            good = self._screen(rnd, replies, log)
+            if len(good) < self.min_replies:
+                logger.warning("round %d skipped: %d valid replies, federated.min_train_clients=%d",
+                               rnd, len(good), self.min_replies)
+                log.skipped = True
+                return None, None
+            arrays, metrics = self.inner.aggregate_train(rnd, good)
+            log.skipped = arrays is None  # e.g. Bulyan, or a DP wrapper that refused the round
+            return arrays, metrics
+        finally:
+            release_arrays(replies)
 
     def _screen(self, rnd: int, replies: list[Any], log: RoundLog) -> list[Any]:
         good = []
