@@ -17,8 +17,10 @@ draws its own sample of the same size, so the two do the same number of updates 
 case name says so. Throughput is client updates per minute over the rounds after the first (start-up and
 the first round's warm-up are reported apart); the overhead per update is the difference of the two
 sides' seconds per update; memory is the peak resident set of the process tree (Ray's workers included),
-sampled every 100 ms; the plain side's is its first run's, before this process hosted Ray. Repeats (``ORCHARD_BENCH_FED_REPEATS``, default 2) alternate plain, simulated,
-plain, ...; each simulated repeat is compared with the mean of the plain runs either side of it.
+sampled every 100 ms. Every run, plain or simulated, is a fresh Python process (``_fresh``), so neither
+side carries the other's heap or imports. Repeats (``ORCHARD_BENCH_FED_REPEATS``, default 2) alternate
+plain, simulated, plain, ...; each simulated repeat is compared with the mean of the plain runs either side
+of it, for speed and for memory.
 """
 
 from __future__ import annotations
@@ -84,21 +86,36 @@ def _rate(case: Case, ends: list[float]) -> float:
     return per_round * (len(ends) - 1) / (ends[-1] - ends[0]) * 60
 
 
-def _simulated(case: Case, spec: JobSpec, prepared) -> tuple[float, float, float, float]:
-    """(updates/min after round 1, start-up + round 1 seconds, peak MiB, final accuracy)."""
+def _fresh(fn, *args):
+    """``fn(*args)`` in a new Python process, with the peak memory of that process's tree (MiB).
+
+    Each side is measured from its own interpreter start: in one shared bench process the second side
+    inherits the first one's heap (the plain loop's partitions, freed but not returned to the system,
+    were ~200-330 MiB of the simulation's peak) and its imports."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        pid = pool.apply(os.getpid)
+        with PeakRSS(pid) as mem:
+            out = pool.apply(fn, args)
+    return (*out, mem.peak / 2**20)
+
+
+def _simulated(case: Case, spec: JobSpec, prepared) -> tuple[float, float, float]:
+    """(updates/min after round 1, start-up + round 1 seconds, final accuracy)."""
     from orchard.federated import run_federated
 
     ends: dict[int, float] = {}
     t0 = time.perf_counter()
-    with PeakRSS() as mem:
-        # No MLflow run: nothing is tracked or checkpointed, so every bench starts from round 1.
-        res = run_federated(spec, prepared, None, on_round=lambda row: ends.setdefault(row["round"], time.perf_counter()))
+    # No MLflow run: nothing is tracked or checkpointed, so every bench starts from round 1.
+    res = run_federated(spec, prepared, None, on_round=lambda row: ends.setdefault(row["round"], time.perf_counter()))
     ordered = [ends[r] for r in sorted(ends)]
-    return _rate(case, ordered), ordered[0] - t0, mem.peak / 2**20, res.test["test/accuracy"]
+    return _rate(case, ordered), ordered[0] - t0, res.test["test/accuracy"]
 
 
-def _plain(case: Case, spec: JobSpec, prepared) -> tuple[float, float, float]:
-    """(updates/min after round 1, peak MiB, final accuracy) of FedAvg as one plain Python loop."""
+def _plain(case: Case, spec: JobSpec, prepared) -> tuple[float, float]:
+    """(updates/min after round 1, final accuracy) of FedAvg as one plain Python loop using every core."""
     from flwr.app import ArrayRecord
 
     from orchard.data.manifest import read_split, read_xy
@@ -107,42 +124,42 @@ def _plain(case: Case, spec: JobSpec, prepared) -> tuple[float, float, float]:
     from orchard.federated.server import central_evaluator
     from orchard.federated.simulation import split_tensors
 
+    torch.set_num_threads(os.cpu_count() or 1)  # one process using the machine
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    with PeakRSS() as mem:
-        parts = write_partitions(prepared, spec.federated)
-        data = [tuple(map(torch.from_numpy, read_xy([client_file(parts.folder, c)], case.dim)))
-                for c in range(case.clients)]
-        model = build_model(spec, prepared.manifest)
-        score_val = central_evaluator(spec, prepared.manifest, split_tensors(prepared, "val"))
-        global_state = {k: v.clone() for k, v in model.state_dict().items()}
-        loss_fn = nn.CrossEntropyLoss()
-        per_round = max(1, round(case.clients * case.fraction))
-        ends = []
-        for _ in range(case.rounds):
-            chosen = rng.choice(case.clients, per_round, replace=False) if per_round < case.clients \
-                else np.arange(case.clients)
-            rows = sum(len(data[c][1]) for c in chosen)
-            total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in global_state.items()}
-            for c in chosen:
-                x, y = data[c]
-                model.load_state_dict(global_state)
-                opt = build_optimizer(model, spec.train)
-                model.train()
-                for idx in torch.randperm(len(y)).split(BATCH):
-                    opt.zero_grad(set_to_none=True)
-                    loss_fn(model(x[idx]), y[idx]).backward()
-                    opt.step()
-                for k, v in model.state_dict().items():
-                    total[k] += v.float() * (len(y) / rows)
-            global_state = {k: v.to(global_state[k].dtype) for k, v in total.items()}
-            score_val(ArrayRecord(global_state))
-            ends.append(time.perf_counter())
+    parts = write_partitions(prepared, spec.federated)
+    data = [tuple(map(torch.from_numpy, read_xy([client_file(parts.folder, c)], case.dim)))
+            for c in range(case.clients)]
+    model = build_model(spec, prepared.manifest)
+    score_val = central_evaluator(spec, prepared.manifest, split_tensors(prepared, "val"))
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_fn = nn.CrossEntropyLoss()
+    per_round = max(1, round(case.clients * case.fraction))
+    ends = []
+    for _ in range(case.rounds):
+        chosen = rng.choice(case.clients, per_round, replace=False) if per_round < case.clients \
+            else np.arange(case.clients)
+        rows = sum(len(data[c][1]) for c in chosen)
+        total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in global_state.items()}
+        for c in chosen:
+            x, y = data[c]
+            model.load_state_dict(global_state)
+            opt = build_optimizer(model, spec.train)
+            model.train()
+            for idx in torch.randperm(len(y)).split(BATCH):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x[idx]), y[idx]).backward()
+                opt.step()
+            for k, v in model.state_dict().items():
+                total[k] += v.float() * (len(y) / rows)
+        global_state = {k: v.to(global_state[k].dtype) for k, v in total.items()}
+        score_val(ArrayRecord(global_state))
+        ends.append(time.perf_counter())
     x_test, y_test = read_split(prepared, "test")
     model.load_state_dict(global_state)
     with torch.no_grad():
         acc = float((model.eval()(torch.from_numpy(x_test)).argmax(1) == torch.from_numpy(y_test)).float().mean())
-    return _rate(case, ends), mem.peak / 2**20, acc
+    return _rate(case, ends), acc
 
 
 def _selected(cases: tuple[str, ...] | None) -> list[Case]:
@@ -170,9 +187,8 @@ def _case(case: Case, progress, repeats: int) -> list[Result]:
                                         image_shape=case.image_shape)
 
         def plain() -> None:
-            torch.set_num_threads(os.cpu_count() or 1)  # one process using the machine
             progress(f"[{case.name}] plain FedAvg loop: {case.clients} clients × {case.rounds} rounds")
-            rate, mem, acc = _plain(case, spec, prepared)
+            rate, acc, mem = _fresh(_plain, case, spec, prepared)
             plain_rates.append(rate)
             plain_mems.append(mem)
             accs.append(("plain", acc))
@@ -181,7 +197,7 @@ def _case(case: Case, progress, repeats: int) -> list[Result]:
         plain()
         for _ in range(repeats):
             progress(f"[{case.name}] Flower simulation on Ray: {case.clients} clients × {case.rounds} rounds")
-            rate, startup, mem, acc = _simulated(case, spec, prepared)
+            rate, startup, acc, mem = _fresh(_simulated, case, spec, prepared)
             sim_rates.append(rate)
             sim_mems.append(mem)
             startups.append(startup)
@@ -190,8 +206,7 @@ def _case(case: Case, progress, repeats: int) -> list[Result]:
                      f"accuracy {acc:.3f}")
             plain()
     base = [(a + b) / 2 for a, b in zip(plain_rates, plain_rates[1:], strict=False)]
-    # Memory against the FIRST plain run only: the later ones run in a process that has hosted Ray's driver.
-    base_mem = [plain_mems[0]] * len(sim_mems)
+    base_mem = [(a + b) / 2 for a, b in zip(plain_mems, plain_mems[1:], strict=False)]
     per = [s / b for s, b in zip(sim_rates, base, strict=True)]
     overhead = [(60_000 / s - 60_000 / b) for s, b in zip(sim_rates, base, strict=True)]
     mem_per = [s / b for s, b in zip(sim_mems, base_mem, strict=True)]
