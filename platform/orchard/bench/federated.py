@@ -8,7 +8,7 @@ Cases (``ORCHARD_BENCH_FED_CASES``, comma separated; default all):
   rounds, MLP 128 — the federation of issue 12.
 
 Both sides train the same model with the same optimizer (``orchard.engine.loop.build_optimizer``), batch,
-local epochs and client partitions (the files ``write_partitions`` writes once), average the results
+local epochs and client partitions (the files ``write_partitions`` writes once, before any measured run), average the results
 weighted by rows, and score each round's global model on the validation split with the same evaluator
 (``orchard.federated.server.central_evaluator``: the simulation's ServerApp does that every round). The
 baseline is the loop anyone writes first: one process using every core, the clients one after another, no
@@ -184,6 +184,10 @@ def _case(case: Case, progress, repeats: int) -> list[Result]:
         rows = case.clients * case.rows_per_client
         prepared = write_classification(Path(tmp) / "data", int(rows / 0.9), case.dim, case.classes,
                                         image_shape=case.image_shape)
+        # Partitions are written here, once: every measured run, plain or simulated, reuses them.
+        from orchard.federated.partitions import write_partitions
+
+        write_partitions(prepared, spec.federated)
 
         def plain() -> None:
             progress(f"[{case.name}] plain FedAvg loop: {case.clients} clients × {case.rounds} rounds")
