@@ -58,13 +58,15 @@ def spread_text(r: dict[str, Any]) -> str:
 _PF_FORKNOEXEC = 0x40  # task flag: forked, has not exec'd since (include/linux/sched.h)
 
 
-def _forked_copy(pid: int, rss: dict[int, int]) -> bool:
-    """A child caught between fork and exec (the JVM spawning a process, Spark's daemon forking a worker).
+def _own_pages(pid: int, rss: dict[int, int]) -> int:
+    """What a process adds to its tree's memory: its RSS, or, for a child that has forked and not exec'd
+    (the JVM spawning a process, Spark's daemon forking a worker, a fork pool), only its private pages.
 
-    Its RSS is its parent's, pages shared (or, after vfork, the very same address space), so counting it
-    would count the parent twice: the flag says it has not exec'd since fork, the same executable and an
-    RSS within 2% say it is still a copy. Not the name: a child takes the name of the thread that forked
-    it (a JVM's "process reaper" or an executor thread), not the process's.
+    Such a child maps its parent's pages (shared copy-on-write, or after vfork the very same address
+    space), so its RSS counts the parent again; the pages it has written since the fork, or that its parent
+    has dropped, are its own (``Private_*`` in ``smaps_rollup``). The RSS alone cannot tell them apart: a
+    fresh copy's RSS differs from its parent's by the shared-library pages either has touched since (a few
+    MiB, more than 2% of a small parent). A root whose parent is outside the tree is counted whole.
     """
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -73,11 +75,18 @@ def _forked_copy(pid: int, rss: dict[int, int]) -> bool:
         fields = stat[stat.rindex(")") + 2:].split()
         ppid, flags = int(fields[1]), int(fields[6])
         if not flags & _PF_FORKNOEXEC or ppid not in rss:
-            return False
-        same_program = os.readlink(f"/proc/{pid}/exe") == os.readlink(f"/proc/{ppid}/exe")
+            return rss[pid]
     except (OSError, ValueError, IndexError):
-        return False
-    return same_program and abs(rss[pid] - rss[ppid]) <= 0.02 * rss[ppid]
+        return rss[pid]
+    private = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Private_"):
+                    private += int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0  # gone since its stat was read: its own pages went with it
+    return private
 
 
 class PeakRSS:
@@ -106,7 +115,7 @@ class PeakRSS:
                 rss[p.pid] = p.memory_info().rss
             except psutil.Error:
                 pass
-        return sum(n for pid, n in rss.items() if not _forked_copy(pid, rss))
+        return sum(_own_pages(pid, rss) for pid in rss)
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
