@@ -6,10 +6,12 @@ stays free of Ray. Ray itself is imported only when a function here is called.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -32,12 +34,10 @@ def start_ray(min_cpus: float = 0, *, task_cpus: float = 0, task_setting: str = 
             # (/tmp/ray/ray_current_cluster), e.g. someone else's; a local run starts its own instance.
             kwargs["address"] = "local"
             kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(min_cpus))
-            # As Flower's RayBackend does: actors import orchard from wherever this process does. Not on
-            # a cluster, whose job runtime env (its working_dir) is the same on every node; our paths are not.
-            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": _pythonpath()}}
         cwd = os.getcwd()
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=True,
-                 logging_level=logging.WARNING, **kwargs)
+        with _inherited_pythonpath(not os.environ.get("RAY_ADDRESS")):
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=True,
+                     logging_level=logging.WARNING, **kwargs)
         # Inside a Ray job whose project was shipped as working_dir, joining the cluster re-extracts that
         # folder: the old directory (our cwd) is gone and relative paths fail until we enter the new one.
         os.chdir(cwd)
@@ -52,5 +52,25 @@ def start_ray(min_cpus: float = 0, *, task_cpus: float = 0, task_setting: str = 
     return started
 
 
-def _pythonpath() -> str:
-    return os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+@contextlib.contextmanager
+def _inherited_pythonpath(local: bool) -> Iterator[None]:
+    """Actors import orchard from wherever this process does: a local instance's raylet, started inside
+    ``ray.init``, inherits this PYTHONPATH and hands it to every worker it starts.
+
+    Not as a job runtime env, as Flower's RayBackend does: workers are then started per runtime env, so
+    the raylet's pre-started idle workers (plain env) never serve the job and every task and actor of a
+    run waits for a fresh interpreter. Not on a cluster, whose job runtime env (its working_dir) is the
+    same on every node; our paths are not. This process's own environment is restored afterwards.
+    """
+    if not local:
+        yield
+        return
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([*sys.path, *filter(None, [before])])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before

@@ -95,3 +95,37 @@ def test_ray_train_ingest_keeps_block_order():
     from orchard.train.feed import ingest_options
 
     assert ingest_options().preserve_order
+
+
+def _labels(it) -> list[int]:
+    from orchard.train import feed
+
+    return torch.cat([y for _, y in feed.tensor_batches(it, BATCH)]).tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("materialize", "world"), [(True, 2), (True, 1), (False, 1), (False, 2)])
+def test_shards_deal_every_row_once(split_folder, ray_local, materialize, world, monkeypatch):
+    """Train shards hold equal row counts, val shards whole blocks; each row goes to one rank. A split kept
+    in the object store, or any split of a single rank, is dealt without a coordinator actor."""
+    from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
+
+    from orchard.train import feed
+
+    if not materialize:
+        monkeypatch.setattr(feed, "MATERIALIZE_SHARE", 0.0)
+    ds = {name: feed.read_split(str(split_folder), ROWS, DIM) for name in ("train", "val")}
+    shards = feed.ShardConfig(equal=["train"], disjoint=["val"]).configure(ds, world, None, ["n"] * world)
+    assert len(shards) == world
+    coordinated = [isinstance(s[name], StreamSplitDataIterator) for s in shards for name in ("train", "val")]
+    assert not any(coordinated) if (materialize or world == 1) else all(coordinated)
+    if not materialize and world > 1:
+        return  # streaming_split's iterators must be read by all ranks at once: test_eval_exact does that
+    train = [_labels(s["train"]) for s in shards]
+    val = [_labels(s["val"]) for s in shards]
+    assert len({len(t) for t in train}) == 1 and len(train[0]) == ROWS // world
+    assert len(set().union(*map(set, train))) == sum(map(len, train))  # no row on two ranks
+    assert sorted(sum(val, [])) == list(range(ROWS))
+    if world > 1:
+        block_starts = {0, 130, 131, 500, 777}
+        assert all(v[0] in block_starts for v in val if v)  # each rank's val starts at a block edge

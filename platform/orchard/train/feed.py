@@ -137,35 +137,57 @@ def ingest_options():
 class ShardConfig(DataConfig):
     """Ray Train's dataset config with two kinds of shard, both in ``preserve_order``.
 
-    ``equal`` datasets (training) go through ``streaming_split(equal=True)``: every rank gets the same
-    row count, so DDP step counts match (the remainder is dropped). ``disjoint`` ones (val, test) go
-    through ``streaming_split(equal=False)``: each block goes, whole, to one rank, so every row is
-    evaluated by exactly one rank exactly once, streamed or materialized, and each rank reads only its
-    own blocks (not the whole split). Row counts then differ between ranks by up to a block: evaluation
-    runs ranks in lockstep (``evaluate(pad_input=...)``) and all-reduces its sums.
+    ``equal`` datasets (training) are split so that every rank gets the same row count, so DDP step
+    counts match (the remainder is dropped). ``disjoint`` ones (val, test) are split so that each block
+    goes, whole, to one rank: every row is evaluated by exactly one rank exactly once, streamed or
+    materialized, and each rank reads only its own blocks (not the whole split). Row counts then differ
+    between ranks by up to a block: evaluation runs ranks in lockstep (``evaluate(pad_input=...)``) and
+    all-reduces its sums.
+
+    A split kept in the object store (``read_split``) is dealt out here, once, as fixed lists of blocks
+    (``Dataset.split``); a streamed one goes through ``streaming_split``, whose coordinator actor deals
+    blocks as they are read. A single rank takes every dataset whole. Each coordinator is a process of its
+    own that Ray must start (one per dataset, ~1 s of CPU each here) inside the worker group's start-up,
+    and re-executes a materialized split every epoch; fixed lists need neither.
     """
 
     def __init__(self, equal: list[str], disjoint: list[str]) -> None:
         super().__init__(datasets_to_split=list(equal), execution_options=ingest_options())
+        self._equal = list(equal)
         self._disjoint = list(disjoint)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        rest = {name: ds for name, ds in datasets.items() if name not in self._disjoint}
-        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
-        from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
+        from ray.data.dataset import MaterializedDataset
 
+        fixed = {name: ds for name, ds in datasets.items() if name in (*self._equal, *self._disjoint)
+                 and (world_size == 1 or isinstance(ds, MaterializedDataset))}
+        rest = {name: ds for name, ds in datasets.items() if name not in fixed and name not in self._disjoint}
+        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+        for name, ds in fixed.items():
+            ds = ds.copy(ds)
+            if ds.name is None:
+                ds.set_name(name)
+            ds.context.execution_options = self._options(name)
+            shards = ds.split(world_size, equal=name in self._equal) if world_size > 1 else [ds]
+            for rank, shard in enumerate(shards):
+                output[rank][name] = shard.iterator()
         for name in self._disjoint:
-            if name not in datasets:
+            if name not in datasets or name in fixed:
                 continue
             ds = datasets[name].copy(datasets[name])
             if ds.name is None:
                 ds.set_name(name)
-            options = self._get_execution_options(name)
-            if options.is_resource_limits_default() and not self._is_v2_autoscaler():
-                # As DataConfig.configure does: Ray Data leaves the training workers' CPUs/GPUs alone.
-                options.exclude_resources = options.exclude_resources.add(
-                    ExecutionResources(cpu=self._num_train_cpus, gpu=self._num_train_gpus))
-            ds.context.execution_options = options
+            ds.context.execution_options = self._options(name)
             for rank, shard in enumerate(ds.streaming_split(world_size, equal=False)):
                 output[rank][name] = shard
         return output
+
+    def _options(self, name: str):
+        from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
+
+        options = self._get_execution_options(name)
+        if options.is_resource_limits_default() and not self._is_v2_autoscaler():
+            # As DataConfig.configure does: Ray Data leaves the training workers' CPUs/GPUs alone.
+            options.exclude_resources = options.exclude_resources.add(
+                ExecutionResources(cpu=self._num_train_cpus, gpu=self._num_train_gpus))
+        return options
