@@ -30,4 +30,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    if "orchard.cli" in sys.modules:  # the stack was there and the command ran: exit as `orchard` does
+        sys.modules["orchard.cli"].quick_exit_prep()
+    sys.exit(code)
