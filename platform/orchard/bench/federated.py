@@ -9,18 +9,18 @@ Cases (``ORCHARD_BENCH_FED_CASES``, comma separated; default all):
 
 Both sides train the same model with the same optimizer (``orchard.engine.loop.build_optimizer``), batch,
 local epochs and client partitions (the files ``write_partitions`` writes once, before any measured run),
-average the results weighted by rows, score each round's global model on the validation split and the
-final one on the test split with the same evaluator and batches (``orchard.federated.server.
-central_evaluator``: the simulation's ServerApp scores every round). The baseline is the loop anyone writes
-first: one process using every core, the clients one after another, no messages, no actors. Where a round
-samples clients (``fraction_train`` < 1) each side draws its own sample of the same size, so the two do the same number of updates on different clients; the
-case name says so. Throughput is client updates per minute over the rounds after the first (start-up and
-the first round's warm-up are reported apart); the overhead per update is the difference of the two
-sides' seconds per update; memory is the peak resident set of the process tree (Ray's workers included),
-sampled every 100 ms. Every run, plain or simulated, is a fresh Python process (``_fresh``), so neither
-side carries the other's heap or imports. Repeats (``ORCHARD_BENCH_FED_REPEATS``, default 2) alternate
-plain, simulated, plain, ...; each simulated repeat is compared with the mean of the plain runs either side
-of it, for speed and for memory.
+average the results weighted by rows, score each round's global model on the validation split and the final
+one on the test split with the same evaluator and batches (``orchard.federated.server.central_evaluator``: the
+simulation's ServerApp scores every round). The baseline is the loop anyone writes first: one process using
+every core, the clients one after another, no messages, no actors. Where a round samples clients
+(``fraction_train`` < 1) each side draws its own sample of the same size, so the two do the same number of
+updates on different clients; the case name says so. Throughput is client updates per minute over the rounds
+after the first (start-up and the first round's warm-up are reported apart); the overhead per update is the
+difference of the two sides' seconds per update; memory is the peak resident set of the process tree (Ray's
+workers included), sampled every 100 ms. Every run, plain or simulated, is a fresh Python process
+(``_fresh``), so neither side carries the other's heap or imports. Repeats (``ORCHARD_BENCH_FED_REPEATS``,
+default 2) alternate plain, simulated, plain, ...; each simulated repeat is compared with the mean of the
+plain runs either side of it, for speed and for memory.
 """
 
 from __future__ import annotations

@@ -164,30 +164,29 @@ class ShardConfig(DataConfig):
         rest = {name: ds for name, ds in datasets.items() if name not in fixed and name not in self._disjoint}
         output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
         for name, ds in fixed.items():
-            ds = ds.copy(ds)
-            if ds.name is None:
-                ds.set_name(name)
-            ds.context.execution_options = self._options(name)
+            ds = self._own_copy(name, ds)
             shards = ds.split(world_size, equal=name in self._equal) if world_size > 1 else [ds]
             for rank, shard in enumerate(shards):
                 output[rank][name] = shard.iterator()
         for name in self._disjoint:
             if name not in datasets or name in fixed:
                 continue
-            ds = datasets[name].copy(datasets[name])
-            if ds.name is None:
-                ds.set_name(name)
-            ds.context.execution_options = self._options(name)
-            for rank, shard in enumerate(ds.streaming_split(world_size, equal=False)):
+            shards = self._own_copy(name, datasets[name]).streaming_split(world_size, equal=False)
+            for rank, shard in enumerate(shards):
                 output[rank][name] = shard
         return output
 
-    def _options(self, name: str):
+    def _own_copy(self, name: str, ds):
+        """``ds`` named and with this config's execution options, as ``DataConfig.configure`` sets them."""
         from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
 
+        ds = ds.copy(ds)
+        if ds.name is None:
+            ds.set_name(name)
         options = self._get_execution_options(name)
         if options.is_resource_limits_default() and not self._is_v2_autoscaler():
             # As DataConfig.configure does: Ray Data leaves the training workers' CPUs/GPUs alone.
             options.exclude_resources = options.exclude_resources.add(
                 ExecutionResources(cpu=self._num_train_cpus, gpu=self._num_train_gpus))
-        return options
+        ds.context.execution_options = options
+        return ds
