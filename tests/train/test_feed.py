@@ -119,9 +119,12 @@ def test_shards_deal_every_row_once(split_folder, ray_local, materialize, world,
     assert len(shards) == world
     coordinated = [isinstance(s[name], StreamSplitDataIterator) for s in shards for name in ("train", "val")]
     assert not any(coordinated) if (materialize or world == 1) else all(coordinated)
+    # A split in the object store is read as its blocks, with no Ray Data executor per pass.
+    assert all(isinstance(s[name], feed.BlockShard) == materialize for s in shards for name in ("train", "val"))
     if not materialize and world > 1:
         return  # streaming_split's iterators must be read by all ranks at once: test_eval_exact does that
     train = [_labels(s["train"]) for s in shards]
+    assert [_labels(s["train"]) for s in shards] == train  # every pass deals the same rows, in the same order
     val = [_labels(s["val"]) for s in shards]
     assert len({len(t) for t in train}) == 1 and len(train[0]) == ROWS // world
     assert len(set().union(*map(set, train))) == sum(map(len, train))  # no row on two ranks

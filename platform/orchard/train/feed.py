@@ -145,7 +145,7 @@ class ShardConfig(DataConfig):
     all-reduces its sums.
 
     A split kept in the object store (``read_split``) is dealt out here, once, as fixed lists of blocks
-    (``Dataset.split``); a streamed one goes through ``streaming_split``, whose coordinator actor deals
+    (``Dataset.split``, read by ``BlockShard``); a streamed one goes through ``streaming_split``, whose coordinator actor deals
     blocks as they are read. A single rank takes every dataset whole. Each coordinator is a process of its
     own that Ray must start (one per dataset, ~1 s of CPU each here) inside the worker group's start-up,
     and re-executes a materialized split every epoch; fixed lists need neither.
@@ -167,7 +167,7 @@ class ShardConfig(DataConfig):
             ds = self._own_copy(name, ds)
             shards = ds.split(world_size, equal=name in self._equal) if world_size > 1 else [ds]
             for rank, shard in enumerate(shards):
-                output[rank][name] = shard.iterator()
+                output[rank][name] = BlockShard(shard) if isinstance(shard, MaterializedDataset) else shard.iterator()
         for name in self._disjoint:
             if name not in datasets or name in fixed:
                 continue
@@ -190,3 +190,28 @@ class ShardConfig(DataConfig):
                 ExecutionResources(cpu=self._num_train_cpus, gpu=self._num_train_gpus))
         ds.context.execution_options = options
         return ds
+
+
+class BlockShard:
+    """A rank's fixed share of a split kept in the object store: its blocks, read in order on every pass.
+
+    A ``DataIterator`` over a materialized dataset starts Ray Data's streaming executor for every pass:
+    ~45 ms here before the first block (a CNN epoch of 24,000 rows takes ~340 ms, so 13% of it), where
+    getting the same blocks from the object store takes ~5 ms. Offers the one call ``tensor_batches``
+    makes: whole blocks as Arrow tables. The blocks stay alive while a shard holds their refs (Ray's
+    borrower protocol, as for the ``MaterializedDataset`` it replaces).
+    """
+
+    def __init__(self, ds) -> None:
+        self._refs = [ref for bundle in ds.iter_internal_ref_bundles() for ref, _ in bundle.blocks]
+
+    def iter_batches(self, *, batch_size=None, batch_format: str = "pyarrow", prefetch_batches: int = 0):
+        import ray
+        from ray.data.block import BlockAccessor
+
+        if batch_size is not None or batch_format != "pyarrow":
+            raise ValueError("BlockShard yields whole blocks as Arrow tables (batch_size=None, batch_format='pyarrow')")
+        if self._refs:  # on a multi-node cluster, start pulling every block here before the first is needed
+            ray.wait(self._refs, num_returns=len(self._refs), timeout=0, fetch_local=True)
+        for ref in self._refs:
+            yield BlockAccessor.for_block(ray.get(ref)).to_arrow()
