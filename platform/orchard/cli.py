@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("specs", nargs="*", default=list(DEMO_JOBS))
 
     bench = sub.add_parser("bench", help="measure throughput against a baseline in the same run")
-    bench.add_argument("name", choices=["train", "train-gpu", "federated", "prep", "serve"])
+    bench.add_argument("name", choices=["train", "train-gpu", "federated", "prep", "serve", "spec-to-model"])
     bench.add_argument("--json", dest="json_path", default=None, help="write the report as JSON here")
 
     submit = sub.add_parser("submit", help="run a spec on a Ray cluster through the Ray Jobs API")

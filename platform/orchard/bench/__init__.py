@@ -133,4 +133,4 @@ class PeakRSS:
 
 BENCHES = {"train": "orchard.bench.train:run", "train-gpu": "orchard.bench.gpu:run",
            "federated": "orchard.bench.federated:run", "prep": "orchard.bench.prep:run",
-           "serve": "orchard.bench.serve:run"}
+           "serve": "orchard.bench.serve:run", "spec-to-model": "orchard.bench.spec_to_model:run"}
