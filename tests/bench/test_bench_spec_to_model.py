@@ -58,7 +58,7 @@ def test_plain_train_reads_the_pandas_layout(tmp_path):
     from orchard.bench.plain_train import _splits
     from orchard.config import JobSpec
 
-    for split, n in (("train", 40), ("test", 10)):
+    for split, n in (("train", 40), ("val", 10), ("test", 10)):
         (tmp_path / split).mkdir()
         x = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
         table = pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4),

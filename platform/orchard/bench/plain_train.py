@@ -4,7 +4,8 @@
 ``orchard prep`` folder, or the pandas baseline's of ``orchard bench spec-to-model``),
 trains the spec's model for the spec's epochs with the same optimizer as the platform
 (``engine.build_optimizer``: fused Adam/SGD kernels), one torch thread per ``scaling.cpus_per_worker``,
-then evaluates on the test split and prints ``{"test/accuracy": ...}``. No Spark, Ray or MLflow.
+scoring the validation split after every epoch (as ``orchard run`` does), then evaluates on the test split
+and prints ``{"val/accuracy": ..., "test/accuracy": ...}``. No Spark, Ray or MLflow.
 """
 
 from __future__ import annotations
@@ -46,15 +47,31 @@ def _splits(folder: str, spec: JobSpec) -> tuple[dict, Callable[[str], tuple[np.
     return manifest, lambda split: (x, y) if split == "train" else _pandas_split(root, split)
 
 
+def _scored(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int, loss_fn) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` on (x, y), in batches of ``bs``."""
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(y), bs):
+            out = model(x[i : i + bs])
+            loss += float(loss_fn(out, y[i : i + bs])) * len(out)
+            correct += int((out.argmax(1) == y[i : i + bs]).sum())
+    return loss / max(1, len(y)), correct / max(1, len(y))
+
+
 def main(folder: str, spec_json: str) -> dict[str, float]:
+    """Train, scoring the validation split after every epoch as ``orchard run`` does (its learning curve
+    and early-stopping figure), then test."""
     spec = JobSpec.model_validate(json.loads(spec_json))
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
     torch.manual_seed(spec.train.seed)
     manifest, split_of = _splits(folder, spec)
     x, y = (torch.from_numpy(a) for a in split_of("train"))
+    xv, yv = (torch.from_numpy(a) for a in split_of("val"))
     model = build_model(spec, manifest)
     opt = build_optimizer(model, spec.train)
     loss_fn, bs = nn.CrossEntropyLoss(), spec.train.batch_size
+    val = []
     for _ in range(spec.train.epochs):
         model.train()
         perm = torch.randperm(len(y))
@@ -63,12 +80,9 @@ def main(folder: str, spec_json: str) -> dict[str, float]:
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
-    model.eval()
+        val.append(_scored(model, xv, yv, 4 * bs, loss_fn)[1])
     xt, yt = (torch.from_numpy(a) for a in split_of("test"))
-    with torch.no_grad():
-        correct = sum(int((model(xt[i : i + 4 * bs]).argmax(1) == yt[i : i + 4 * bs]).sum())
-                      for i in range(0, len(yt), 4 * bs))
-    return {"test/accuracy": correct / max(1, len(yt))}
+    return {"val/accuracy": val[-1] if val else float("nan"), "test/accuracy": _scored(model, xt, yt, 4 * bs, loss_fn)[1]}
 
 
 if __name__ == "__main__":
