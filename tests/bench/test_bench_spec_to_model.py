@@ -36,8 +36,9 @@ def test_the_platform_spec_names_the_model_epochs_and_threads_the_baseline_uses(
 
     job = JobSpec.model_validate(spec("in.parquet", str(tmp_path / "out"), str(tmp_path / "ray"), 5))
     assert job.train.epochs == 5 and job.model.family == MODEL["family"] == "cnn"
-    assert job.scaling.num_workers == 1 and job.scaling.cpus_per_worker == THREADS  # plain_train's thread count
-    assert job.data.image_shape == [1, 28, 28] and job.data.normalize == "standard"  # as the pandas script does
+    # plain_train takes its thread count from cpus_per_worker; the pandas script standardizes too.
+    assert job.scaling.num_workers == 1 and job.scaling.cpus_per_worker == THREADS
+    assert job.data.image_shape == [1, 28, 28] and job.data.normalize == "standard"
 
 
 def test_every_bench_the_cli_offers_resolves_to_a_function():

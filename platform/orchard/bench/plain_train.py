@@ -26,7 +26,7 @@ from orchard.models import build_model
 
 
 def _pandas_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """A split as ``orchard bench prep``'s pandas script writes it: ``SPLIT/part-00000.parquet``, no manifest."""
+    """A split as ``orchard bench prep``'s pandas script writes it (``SPLIT/part-00000.parquet``, no manifest)."""
     import pyarrow.parquet as pq
 
     file = folder / split / "part-00000.parquet"
@@ -82,7 +82,8 @@ def main(folder: str, spec_json: str) -> dict[str, float]:
             opt.step()
         val.append(_scored(model, xv, yv, 4 * bs, loss_fn)[1])
     xt, yt = (torch.from_numpy(a) for a in split_of("test"))
-    return {"val/accuracy": val[-1] if val else float("nan"), "test/accuracy": _scored(model, xt, yt, 4 * bs, loss_fn)[1]}
+    test = _scored(model, xt, yt, 4 * bs, loss_fn)[1]
+    return {"val/accuracy": val[-1] if val else float("nan"), "test/accuracy": test}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``orchard bench spec-to-model``: the figure a user feels — spec to tested model on a 70,000 × 784 image table.
+"""``orchard bench spec-to-model``: the figure a user feels, spec to tested model on a 70,000 × 784 table.
 
 Platform: ``orchard run`` of a CNN spec on ``orchard bench prep``'s case (a) (70,000 × 784 uint8 Parquet, one
 column per pixel, written once under ``.orchard/bench/prep``) into a fresh output folder, so the run does
@@ -66,7 +66,8 @@ def run(progress: Callable[[str], None] = print, rows: int | None = None, epochs
         parts: dict[str, list[float]] = {"pandas prep": [], "plain train + test": [], "orchard prepare": []}
 
         def baseline() -> float:
-            seconds, acc, (prep_s, train_s) = plain_side(source, tmp / f"pandas-{time.time_ns()}", epochs, env)
+            out = tmp / f"pandas-{time.time_ns()}"
+            seconds, acc, (prep_s, train_s) = plain_side(source, out, epochs, env)
             accuracy["plain"].append(acc)
             parts["pandas prep"].append(prep_s)
             parts["plain train + test"].append(train_s)
@@ -84,8 +85,8 @@ def run(progress: Callable[[str], None] = print, rows: int | None = None, epochs
 
         bases, got = _interleaved(baseline, {"orchard": platform}, repeats)
     case = f"a {(rows or 70_000) / 1000:g}k×784 uint8 Parquet, CNN [16, 32]"
-    note = (f"{epochs} epochs; alternating: baseline {_figures(bases, '.1f')} s; orchard {_figures(got['orchard'], '.1f')}"
-            " s; " + "; ".join(f"{k} {_figures(v, '.1f')} s" for k, v in parts.items())
+    note = (f"{epochs} epochs; alternating: baseline {_figures(bases, '.1f')} s; "
+            f"orchard {_figures(got['orchard'], '.1f')} s; " + "; ".join(f"{k} {_figures(v, '.1f')} s" for k, v in parts.items())
             + "; test accuracy " + ", ".join(f"{k} {_figures(v, '.3f')}" for k, v in accuracy.items()))
     results = [ratio_row(case, METRIC, "s", got["orchard"], _brackets(bases), note=note)]
     for side, accs in accuracy.items():
@@ -94,13 +95,16 @@ def run(progress: Callable[[str], None] = print, rows: int | None = None, epochs
     return results
 
 
-def plain_side(source: str, out: Path, epochs: int, env: dict[str, str]) -> tuple[float, float, tuple[float, float]]:
+def plain_side(source: str, out: Path, epochs: int, env: dict[str, str]
+               ) -> tuple[float, float, tuple[float, float]]:
     """(seconds, test accuracy, (prep s, train s)): the pandas prep script, then the plain PyTorch script."""
-    prep_s, _ = _timed([sys.executable, "-m", "orchard.bench.prep", source, "label", str(out)], out.parent, env)
-    job = json.dumps(spec(source, str(out), str(out.parent / "unused"), epochs))
-    train_s, printed = _timed([sys.executable, "-m", "orchard.bench.plain_train", str(out), job], out.parent, env)
+    cwd = out.parent
+    prep_s, _ = _timed([sys.executable, "-m", "orchard.bench.prep", source, "label", str(out)], cwd, env)
+    job = json.dumps(spec(source, str(out), str(cwd / "unused"), epochs))
+    train_s, printed = _timed([sys.executable, "-m", "orchard.bench.plain_train", str(out), job], cwd, env)
     shutil.rmtree(out, ignore_errors=True)
-    return prep_s + train_s, float(json.loads(printed.strip().splitlines()[-1])["test/accuracy"]), (prep_s, train_s)
+    accuracy = float(json.loads(printed.strip().splitlines()[-1])["test/accuracy"])
+    return prep_s + train_s, accuracy, (prep_s, train_s)
 
 
 def orchard_side(source: str, tmp: Path, epochs: int, env: dict[str, str]) -> tuple[float, float, float]:
@@ -116,14 +120,15 @@ def orchard_side(source: str, tmp: Path, epochs: int, env: dict[str, str]) -> tu
     (folder,) = set((tmp / ".orchard" / "runs").glob("*")) - before
     timings = json.loads((folder / TIMINGS_FILE).read_text())
     shutil.rmtree(output, ignore_errors=True)
-    return seconds, _test_accuracy(tmp, folder.name), float(timings.get("prepare", float("nan")))
+    return seconds, _test_accuracy(tmp), float(timings.get("prepare", float("nan")))
 
 
-def _test_accuracy(tmp: Path, run_folder: str) -> float:
+def _test_accuracy(tmp: Path) -> float:
     """test/accuracy of the newest run in the bench's own SQLite store."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     exp = client.get_experiment_by_name("bench-spec-to-model")
-    (latest,) = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    (latest,) = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
+                                   max_results=1)
     return float(latest.data.metrics["test/accuracy"])

@@ -145,8 +145,8 @@ class ShardConfig(DataConfig):
     all-reduces its sums.
 
     A split kept in the object store (``read_split``) is dealt out here, once, as fixed lists of blocks
-    (``Dataset.split``, read by ``BlockShard``); a streamed one goes through ``streaming_split``, whose coordinator actor deals
-    blocks as they are read. A single rank takes every dataset whole. Each coordinator is a process of its
+    (``Dataset.split``, read by ``BlockShard``); a streamed one goes through ``streaming_split``, whose
+    coordinator actor deals blocks as they are read. A single rank takes every dataset whole. Each coordinator is a process of its
     own that Ray must start (one per dataset, ~1 s of CPU each here) inside the worker group's start-up,
     and re-executes a materialized split every epoch; fixed lists need neither.
     """
@@ -167,7 +167,8 @@ class ShardConfig(DataConfig):
             ds = self._own_copy(name, ds)
             shards = ds.split(world_size, equal=name in self._equal) if world_size > 1 else [ds]
             for rank, shard in enumerate(shards):
-                output[rank][name] = BlockShard(shard) if isinstance(shard, MaterializedDataset) else shard.iterator()
+                fixed_list = isinstance(shard, MaterializedDataset)
+                output[rank][name] = BlockShard(shard) if fixed_list else shard.iterator()
         for name in self._disjoint:
             if name not in datasets or name in fixed:
                 continue
@@ -210,7 +211,8 @@ class BlockShard:
         from ray.data.block import BlockAccessor
 
         if batch_size is not None or batch_format != "pyarrow":
-            raise ValueError("BlockShard yields whole blocks as Arrow tables (batch_size=None, batch_format='pyarrow')")
+            raise ValueError("BlockShard yields whole blocks as Arrow tables "
+                             "(batch_size=None, batch_format='pyarrow')")
         if self._refs:  # on a multi-node cluster, start pulling every block here before the first is needed
             ray.wait(self._refs, num_returns=len(self._refs), timeout=0, fetch_local=True)
         for ref in self._refs:
