@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchard import __version__
+from orchard.bench import BENCHES
 from orchard.config import SpecError, load_spec
 
 DEMO_JOBS = ("jobs/digits-cnn.yaml", "jobs/digits-federated.yaml")
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("specs", nargs="*", default=list(DEMO_JOBS))
 
     bench = sub.add_parser("bench", help="measure throughput against a baseline in the same run")
-    bench.add_argument("name", choices=["train", "train-gpu", "federated", "prep", "serve", "spec-to-model"])
+    bench.add_argument("name", choices=list(BENCHES))
     bench.add_argument("--json", dest="json_path", default=None, help="write the report as JSON here")
 
     submit = sub.add_parser("submit", help="run a spec on a Ray cluster through the Ray Jobs API")

@@ -47,7 +47,7 @@ def test_every_bench_the_cli_offers_resolves_to_a_function():
 
     assert "spec-to-model" in BENCHES
     for name, target in BENCHES.items():
-        assert _parser().parse_args(["bench", name]).name == name
+        assert _parser().parse_args(["bench", name]).name == name  # the CLI offers exactly BENCHES
         module, fn = target.split(":")
         assert callable(getattr(importlib.import_module(module), fn)), target
 
