@@ -5,7 +5,7 @@
 trains the spec's model for the spec's epochs with the same optimizer as the platform
 (``engine.build_optimizer``: fused Adam/SGD kernels), one torch thread per ``scaling.cpus_per_worker``,
 scoring the validation split after every epoch (as ``orchard run`` does), then evaluates on the test split
-and prints ``{"val/accuracy": ..., "test/accuracy": ...}``. No Spark, Ray or MLflow.
+and prints ``{"val/loss": ..., "val/accuracy": ..., "test/accuracy": ...}``. No Spark, Ray or MLflow.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from orchard.models import build_model
 
 
 def _pandas_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """A split as ``orchard bench prep``'s pandas script writes it (``SPLIT/part-00000.parquet``, no manifest)."""
+    """A split as ``orchard bench prep``'s pandas script writes it: ``SPLIT/part-00000.parquet``, no
+    manifest."""
     import pyarrow.parquet as pq
 
     file = folder / split / "part-00000.parquet"
@@ -80,10 +81,11 @@ def main(folder: str, spec_json: str) -> dict[str, float]:
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
-        val.append(_scored(model, xv, yv, 4 * bs, loss_fn)[1])
+        val.append(_scored(model, xv, yv, 4 * bs, loss_fn))
     xt, yt = (torch.from_numpy(a) for a in split_of("test"))
+    loss, accuracy = val[-1] if val else (float("nan"), float("nan"))
     test = _scored(model, xt, yt, 4 * bs, loss_fn)[1]
-    return {"val/accuracy": val[-1] if val else float("nan"), "test/accuracy": test}
+    return {"val/loss": loss, "val/accuracy": accuracy, "test/accuracy": test}
 
 
 if __name__ == "__main__":

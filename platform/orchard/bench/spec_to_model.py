@@ -31,7 +31,7 @@ from orchard.bench.train import _brackets, _figures, _interleaved, _subprocess_e
 EPOCHS, REPEATS, BATCH, THREADS = 8, 2, 256, 2
 IMAGE_SHAPE = [1, 28, 28]
 MODEL = {"family": "cnn", "channels": [16, 32], "hidden": [64], "dropout": 0.0}
-METRIC = "spec to tested model, wall (orchard run ÷ pandas prep + plain PyTorch)"
+METRIC = "spec to tested model, wall (orchard run incl. MLflow logging ÷ pandas prep + plain PyTorch)"
 
 
 def spec(source: str, output: str, storage: str, epochs: int) -> dict:
@@ -86,7 +86,8 @@ def run(progress: Callable[[str], None] = print, rows: int | None = None, epochs
         bases, got = _interleaved(baseline, {"orchard": platform}, repeats)
     case = f"a {(rows or 70_000) / 1000:g}k×784 uint8 Parquet, CNN [16, 32]"
     note = (f"{epochs} epochs; alternating: baseline {_figures(bases, '.1f')} s; "
-            f"orchard {_figures(got['orchard'], '.1f')} s; " + "; ".join(f"{k} {_figures(v, '.1f')} s" for k, v in parts.items())
+            f"orchard {_figures(got['orchard'], '.1f')} s; "
+            + "; ".join(f"{k} {_figures(v, '.1f')} s" for k, v in parts.items())
             + "; test accuracy " + ", ".join(f"{k} {_figures(v, '.3f')}" for k, v in accuracy.items()))
     results = [ratio_row(case, METRIC, "s", got["orchard"], _brackets(bases), note=note)]
     for side, accs in accuracy.items():
