@@ -7,6 +7,7 @@ Engines are imported lazily so ``orchard --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import subprocess
@@ -506,8 +507,13 @@ def quick_exit_prep() -> None:
     from ``main()``, which tests call in-process.
     """
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if ray is not None:
+        from orchard.raystart import settle_early_start
+
+        with contextlib.suppress(Exception):  # a start that failed was reported by the run, if it mattered
+            settle_early_start()  # a background start still running (the run failed first) ends up shut down
+        if ray.is_initialized():
+            ray.shutdown()
     gc.freeze()
 
 

@@ -55,7 +55,16 @@ def engine_output_to(log_path: Path, console: Console) -> Iterator[Console]:
     ours = logging.getLogger("orchard")
     to_term = _ConsoleHandler(shown)
     touched.append((ours, ours.handlers[:], ours.propagate))
-    ours.handlers, ours.propagate = [handler, to_term], False
+    # A handler of its own: ray.init(configure_logging=True) gives the "ray" logger's handlers (the
+    # engines' one above) Ray's formatter, which Orchard's lines must not pick up.
+    own = logging.FileHandler(log_path)
+    own.setFormatter(handler.formatter)
+    ours.handlers, ours.propagate = [own, to_term], False
+    # Orchard's INFO lines (a prep's step timings, what a run chose) belong in the log file; the
+    # terminal handler stays at WARNING. Left unset, the root logger's WARNING would drop them.
+    level = ours.level
+    if level == logging.NOTSET or level > logging.INFO:
+        ours.setLevel(logging.INFO)
     try:
         yield shown
     finally:
@@ -68,4 +77,6 @@ def engine_output_to(log_path: Path, console: Console) -> Iterator[Console]:
         term.close()
         for lg, handlers, propagate in touched:
             lg.handlers, lg.propagate = handlers, propagate
+        ours.setLevel(level)
         handler.close()
+        own.close()

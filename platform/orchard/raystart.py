@@ -10,20 +10,129 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
+
+
+class _EarlyStart(threading.Thread):
+    """``ray.init`` of a local instance, run while the caller does other work (see ``start_ray_early``).
+
+    The thread lives on while the instance it started is up: Ray starts its processes with
+    ``PR_SET_PDEATHSIG``, which Linux fires when the *thread* that spawned them exits, so a thread that
+    returned after ``ray.init`` would take GCS, raylet and agents down with it (seen: "Failed to
+    connect to GCS within 60 seconds", then the driver killed).
+    """
+
+    def __init__(self, min_cpus: float) -> None:
+        super().__init__(name="orchard-ray-start", daemon=True)
+        self.min_cpus = min_cpus
+        self.started = False
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        # Ray notes that it set no SIGTERM handler from this thread; start_ray_early installed one.
+        ray_worker = logging.getLogger("ray._private.worker")
+        ray_worker.addFilter(_no_sigterm_note)
+        try:
+            self.started = _start_ray(self.min_cpus)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever settles it, raised there
+            self.error = exc
+        finally:
+            ray_worker.removeFilter(_no_sigterm_note)
+            self.seconds = time.perf_counter() - t0
+            self.ready.set()
+        if self.started:
+            import ray
+
+            while ray.is_initialized():  # until ray.shutdown(), from any thread
+                time.sleep(0.5)
+
+
+def _no_sigterm_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("SIGTERM handler is not set")
+
+
+_early: _EarlyStart | None = None
+_early_lock = threading.Lock()
+
+
+def start_ray_early(min_cpus: float = 0) -> bool:
+    """Start a quiet local Ray in a background thread; the next ``start_ray`` waits for it and owns it.
+
+    A local start takes seconds (GCS, raylet and agent processes, pre-started workers) in which the
+    caller can do its own work: open the tracking store, prepare the data. Does nothing, and returns
+    False, when Ray is up already or $RAY_ADDRESS names a cluster to join (joining is quick, and must
+    happen before anything is written: see ``runner._join_cluster``).
+
+    Ray installs its SIGTERM handler (exit through ``sys.exit``, so ``finally`` blocks and atexit hooks
+    run) only from the main thread: the same handler is installed here, from the caller's thread.
+    """
+    global _early
+    import ray  # imported here, not in the thread: two threads importing one package can deadlock
+
+    with _early_lock:
+        if _early is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+            return False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        _early = _EarlyStart(min_cpus)
+        _early.start()
+    return True
+
+
+def settle_early_start() -> tuple[bool, float]:
+    """Wait for a background start, if one is pending, and take ownership of what it started.
+
+    Returns (whether it started Ray, its seconds); raises what the start raised. The instance then
+    belongs to this caller: a second call returns (False, 0.0).
+    """
+    global _early
+    with _early_lock:
+        early, _early = _early, None
+    if early is None:
+        return False, 0.0
+    early.ready.wait()
+    if early.error is not None:
+        raise early.error
+    return early.started, early.seconds
+
+
+def training_cpus(num_workers: int, cpus_per_worker: float) -> float:
+    """The CPUs a local instance needs for a Ray Train run: the workers' and one for Ray Data's reads."""
+    return num_workers * cpus_per_worker + 1
 
 
 def start_ray(min_cpus: float = 0, *, task_cpus: float = 0, task_setting: str = "task_cpus") -> bool:
     """Join $RAY_ADDRESS if set, else start a quiet local instance; do nothing if Ray is already up.
 
-    Returns True only if this call started Ray, so the caller shuts down its own instance and no other.
-    A local instance gets at least ``min_cpus`` logical CPUs: train workers reserve theirs for the whole
-    run and Ray Data's read tasks need one more, else the job waits forever on a small machine.
+    Returns True only if this call started Ray (or took over the background start of
+    ``start_ray_early``), so the caller shuts down its own instance and no other. A local instance gets
+    at least ``min_cpus`` logical CPUs: train workers reserve theirs for the whole run and Ray Data's
+    read tasks need one more, else the job waits forever on a small machine.
     ``task_cpus`` (named ``task_setting`` in the error) is one task's reservation, e.g. a Flower
     client's: if no node has that many CPUs nothing could ever be scheduled, so refuse now.
     """
+    import ray
+
+    started = settle_early_start()[0] or _start_ray(min_cpus)
+    if task_cpus:
+        biggest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if biggest < task_cpus:
+            if started:
+                ray.shutdown()
+            raise ValueError(f"{task_setting}={task_cpus:g}, but no Ray node has more than {biggest:g} CPUs: "
+                             "nothing that needs them could run")
+    return started
+
+
+def _start_ray(min_cpus: float) -> bool:
     import ray
 
     started = False
@@ -42,13 +151,6 @@ def start_ray(min_cpus: float = 0, *, task_cpus: float = 0, task_setting: str = 
         # folder: the old directory (our cwd) is gone and relative paths fail until we enter the new one.
         os.chdir(cwd)
         started = True
-    if task_cpus:
-        biggest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-        if biggest < task_cpus:
-            if started:
-                ray.shutdown()
-            raise ValueError(f"{task_setting}={task_cpus:g}, but no Ray node has more than {biggest:g} CPUs: "
-                             "nothing that needs them could run")
     return started
 
 
@@ -60,7 +162,9 @@ def _inherited_pythonpath(local: bool) -> Iterator[None]:
     Not as a job runtime env, as Flower's RayBackend does: workers are then started per runtime env, so
     the raylet's pre-started idle workers (plain env) never serve the job and every task and actor of a
     run waits for a fresh interpreter. Not on a cluster, whose job runtime env (its working_dir) is the
-    same on every node; our paths are not. This process's own environment is restored afterwards.
+    same on every node; our paths are not. This process's own environment is restored afterwards; during
+    a background start (``start_ray_early``) a process the caller spawns meanwhile (Spark's JVM) inherits
+    the longer path too, which names the same modules this interpreter imports.
     """
     if not local:
         yield

@@ -54,15 +54,18 @@ def run_job(spec: JobSpec, console: Console | None = None, resume: bool = False)
     _join_cluster(spec)  # first: joining may re-extract the shipped folder, so nothing is written before
     run_dir = run_dir_for(spec)
     log_path = run_dir / "engine.log"
-    with engine_output_to(log_path, console):  # a fresh SQLite store logs its table creation: not on the terminal
+    # One block from here on: a fresh SQLite store logs its table creation, and Ray's processes, started in
+    # the background below, inherit the log file as their stdout/stderr, never the terminal.
+    with engine_output_to(log_path, console) as term:
+        meter = _energy_meter(spec)  # measures from here: Ray's start and Spark prep are part of the run
+        _start_ray_early(spec)
         _check_tracking(spec)
         resume_id = _resumable(spec) if resume else None
-    meter = _energy_meter(spec)  # measures from here: Spark prep is part of the run's energy
-    t0 = time.perf_counter()
-    with engine_output_to(log_path, console) as term, _progress(term) as progress:
-        prepared = _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
-        timings = {"prepare": time.perf_counter() - t0}
-        summary = _tracked(spec, prepared, progress, run_dir, resume_id, timings, meter)
+        t0 = time.perf_counter()
+        with _progress(term) as progress:
+            prepared = _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
+            timings = {"prepare": time.perf_counter() - t0}
+            summary = _tracked(spec, prepared, progress, run_dir, resume_id, timings, meter)
     summary.wall_s = time.perf_counter() - t0
     _write_timings(run_dir, timings | {"run_job": summary.wall_s})
     summary.log_path = log_path
@@ -118,8 +121,20 @@ def _join_cluster(spec: JobSpec) -> None:
         start_ray()
 
 
+def _start_ray_early(spec: JobSpec) -> None:
+    """A training run's local Ray starts now, in the background: its seconds (GCS, raylet, agents,
+    pre-started workers) overlap opening the tracking store and preparing the data, and Ray Train waits
+    only for what is left (``train/launcher.py``). Federated runs start Ray inside the simulation, which
+    sizes its client pool from what Ray has free at that moment; a cluster is joined by ``_join_cluster``."""
+    if spec.kind == "train":
+        from orchard.raystart import start_ray_early, training_cpus
+
+        start_ray_early(training_cpus(spec.scaling.num_workers, spec.scaling.cpus_per_worker))
+
+
 def _check_tracking(spec: JobSpec) -> None:
-    """An unreachable tracking server fails the job here, in seconds, before Spark or Ray start."""
+    """An unreachable tracking server fails the job here, in seconds, before Spark starts or anything trains
+    (a background Ray start is then shut down as the command exits)."""
     from orchard.tracking import check_reachable, resolve_uri
 
     check_reachable(resolve_uri(spec))

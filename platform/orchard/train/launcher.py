@@ -23,7 +23,7 @@ from orchard.data.manifest import PreparedData, read_labels
 from orchard.engine.checkpoint import load_checkpoint
 from orchard.models import build_model
 from orchard.progress import read_progress, write_progress
-from orchard.raystart import start_ray
+from orchard.raystart import settle_early_start, start_ray, training_cpus
 from orchard.results import MetricLogger, RunResult
 
 log = logging.getLogger("orchard.train")
@@ -134,7 +134,10 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
     from orchard.train.worker import TEST_FILE, train_loop
 
     stamps = {"start": time.time()}
-    start_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker + 1)
+    # A start begun in the background (runner: ``start_ray_early``) is waited for here: ray_start is then
+    # the wait, ray_start_background the whole start.
+    _, background = settle_early_start()
+    start_ray(training_cpus(spec.scaling.num_workers, spec.scaling.cpus_per_worker))
     stamps["ray_started"] = time.time()
     _quiet_ray_data()
     _warn_node_local_storage(spec.scaling.storage_path)
@@ -176,6 +179,8 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
     stamps["fit_returned"] = time.time()
     out = _collect(spec, prepared, result.checkpoint, TEST_FILE)
     out.extra["startup"] = startup_parts(stamps, out.history, progress_file)
+    if background:
+        out.extra["startup"]["ray_start_background"] = background
     return out
 
 

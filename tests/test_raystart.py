@@ -1,0 +1,63 @@
+"""A background Ray start (``start_ray_early``): the next ``start_ray`` waits for it and owns the instance."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys, threading, time
+    import ray
+    from orchard import raystart
+
+    out = {}
+    out["early"] = raystart.start_ray_early(3)
+    out["again"] = raystart.start_ray_early(3)  # one background start at a time
+    out["handler"] = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+    time.sleep(1.0)  # the caller's own work
+    out["owned"] = raystart.start_ray(3)  # waits for the background start, then owns it
+    out["settled_twice"] = list(raystart.settle_early_start())
+    time.sleep(2.0)  # Ray's processes outlive the start: the thread that spawned them is still alive
+
+    @ray.remote
+    def pid():
+        return os.getpid()
+
+    out["task"] = ray.get(pid.remote(), timeout=60) != os.getpid()
+    out["cpus"] = ray.cluster_resources()["CPU"]
+    ray.shutdown()
+    time.sleep(1.5)
+    out["thread_left"] = any(t.name == "orchard-ray-start" for t in threading.enumerate())
+
+    # A start that fails reaches whoever settles it, as the error the start raised.
+    def broken(min_cpus):
+        raise RuntimeError("no room for Ray")
+
+    raystart._start_ray = broken
+    out["early_again"] = raystart.start_ray_early(3)
+    try:
+        raystart.start_ray(3)
+    except RuntimeError as exc:
+        out["error"] = str(exc)
+    os.environ["RAY_ADDRESS"] = "127.0.0.1:1"
+    out["cluster"] = raystart.start_ray_early(3)  # joining a cluster is not done in the background
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_a_background_start_is_waited_for_owned_kept_alive_and_its_error_raised():
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["early"] is True and got["again"] is False
+    assert got["handler"]  # SIGTERM still exits through sys.exit, as Ray's main-thread start arranges
+    assert got["owned"] is True  # this caller shuts the instance down; the background start did not claim it
+    assert got["settled_twice"] == [False, 0.0]
+    assert got["task"] is True and got["cpus"] >= 3
+    assert got["thread_left"] is False  # the keeper thread ends with the instance
+    assert got["early_again"] is True and got["error"] == "no room for Ray"
+    assert got["cluster"] is False
