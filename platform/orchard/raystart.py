@@ -143,6 +143,10 @@ def _start_ray(min_cpus: float) -> bool:
             # (/tmp/ray/ray_current_cluster), e.g. someone else's; a local run starts its own instance.
             kwargs["address"] = "local"
             kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(min_cpus))
+            # Ray's own metrics (Prometheus/OpenTelemetry) feed the Ray dashboard, which a local instance
+            # does not start. Left on, the driver's exit flushes them and waited ~10 s in about one run in
+            # four here (py-spy: OpenTelemetryMetricRecorder::Shutdown -> ForceFlush in shutdown_driver).
+            kwargs["_system_config"] = {"enable_metrics_collection": False}
         cwd = os.getcwd()
         with _inherited_pythonpath(not os.environ.get("RAY_ADDRESS")):
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=True,
