@@ -86,7 +86,7 @@ def test_blocks_come_in_file_order_on_every_read(split_folder, ray_local, materi
         monkeypatch.setattr(feed, "MATERIALIZE_SHARE", 0.0)
     for _read in range(3):
         ds = feed.read_split(str(split_folder), ROWS, DIM)
-        assert ds.context.execution_options.preserve_order
+        assert isinstance(ds, feed.BlockShard) if materialize else ds.context.execution_options.preserve_order
         labels = torch.cat([y for _, y in feed.tensor_batches(ds, BATCH)])
         assert labels.tolist() == list(range(ROWS))  # files p0..p4 hold rows 0..999 in order
 
@@ -130,5 +130,9 @@ def test_shards_deal_every_row_once(split_folder, ray_local, materialize, world,
     assert len(set().union(*map(set, train))) == sum(map(len, train))  # no row on two ranks
     assert sorted(sum(val, [])) == list(range(ROWS))
     if world > 1:
-        block_starts = {0, 130, 131, 500, 777}
-        assert all(v[0] in block_starts for v in val if v)  # each rank's val starts at a block edge
+        # Each rank's val is whole blocks of the stored split, which keep the files' edges.
+        stored = ds["val"]
+        starts = np.cumsum([0] + [taken for *_, taken in stored._pieces])
+        assert {0, 130, 131, 500, 777} <= set(starts.tolist())
+        assert all(v[0] in set(starts.tolist()) for v in val if v)
+        assert all(first == 0 and taken == size for s in shards for _, size, first, taken in s["val"]._pieces)

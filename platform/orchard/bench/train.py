@@ -127,15 +127,13 @@ def _memory_batches(x: torch.Tensor, y: torch.Tensor):
 
 
 def _raydata_batches(prepared):
-    """The same Ray Data → tensor path the Ray Train workers use: a split kept in the object store is read
-    as its blocks (``feed.BlockShard``, as ``ShardConfig`` deals it to a rank), a streamed one through Ray Data."""
-    from ray.data.dataset import MaterializedDataset
-
+    """The same object store → tensor path the Ray Train workers use: a split kept in the object store is
+    read as its blocks (``feed.BlockShard``, as ``ShardConfig`` deals it to a rank), a streamed one through
+    Ray Data."""
     from orchard.train import feed
 
-    ds = feed.read_split(str(prepared.split_path("train").resolve()), prepared.manifest["counts"]["train"],
-                         prepared.manifest["feature_dim"], shuffle_files=True)
-    shard = feed.BlockShard(ds) if isinstance(ds, MaterializedDataset) else ds
+    shard = feed.read_split(str(prepared.split_path("train").resolve()), prepared.manifest["counts"]["train"],
+                            prepared.manifest["feature_dim"], shuffle_files=True)
     rng = np.random.default_rng(0)
     return lambda: feed.tensor_batches(shard, BATCH, rng=rng)
 
