@@ -1,4 +1,5 @@
-"""A background Ray start (``start_ray_early``): the next ``start_ray`` waits for it and owns the instance."""
+"""A background Ray start (``start_ray_early``): the next ``start_ray`` waits for it and owns the instance;
+a local instance runs without the autoscaler and log monitors."""
 from __future__ import annotations
 
 import json
@@ -28,6 +29,17 @@ _SCRIPT = textwrap.dedent("""
 
     out["task"] = ray.get(pid.remote(), timeout=60) != os.getpid()
     out["cpus"] = ray.cluster_resources()["CPU"]
+    import psutil
+    from ray._private import parameter
+    names = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            # Ray's Python processes show their script, its agents a title ("ray::DashboardAgent").
+            names += [os.path.basename(a) for a in child.cmdline() if a.endswith(".py") or a.startswith("ray::")]
+        except psutil.Error:
+            pass
+    out["scripts"] = sorted(set(names))
+    out["params_restored"] = parameter.RayParams.__qualname__ == "RayParams"
     ray.shutdown()
     time.sleep(1.5)
     out["thread_left"] = any(t.name == "orchard-ray-start" for t in threading.enumerate())
@@ -58,6 +70,10 @@ def test_a_background_start_is_waited_for_owned_kept_alive_and_its_error_raised(
     assert got["owned"] is True  # this caller shuts the instance down; the background start did not claim it
     assert got["settled_twice"] == [False, 0.0]
     assert got["task"] is True and got["cpus"] >= 3
+    # A local instance runs its agents but neither the autoscaler monitor nor the log monitor.
+    assert "ray::DashboardAgent" in got["scripts"] and "dashboard.py" in got["scripts"], got["scripts"]
+    assert "monitor.py" not in got["scripts"] and "log_monitor.py" not in got["scripts"], got["scripts"]
+    assert got["params_restored"]  # Ray's own RayParams is back once the start is done
     assert got["thread_left"] is False  # the keeper thread ends with the instance
     assert got["early_again"] is True and got["error"] == "no room for Ray"
     assert got["cluster"] is False

@@ -148,7 +148,8 @@ def _start_ray(min_cpus: float) -> bool:
             # four here (py-spy: OpenTelemetryMetricRecorder::Shutdown -> ForceFlush in shutdown_driver).
             kwargs["_system_config"] = {"enable_metrics_collection": False}
         cwd = os.getcwd()
-        with _inherited_pythonpath(not os.environ.get("RAY_ADDRESS")):
+        local = not os.environ.get("RAY_ADDRESS")
+        with _inherited_pythonpath(local), _without_monitors(local):
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=True,
                      logging_level=logging.WARNING, **kwargs)
         # Inside a Ray job whose project was shipped as working_dir, joining the cluster re-extracts that
@@ -156,6 +157,38 @@ def _start_ray(min_cpus: float) -> bool:
         os.chdir(cwd)
         started = True
     return started
+
+
+@contextlib.contextmanager
+def _without_monitors(local: bool) -> Iterator[None]:
+    """A local instance starts without the autoscaler monitor and the log monitor.
+
+    Both are Python processes (~80 MiB each, measured) that a one-machine instance has no use for: the
+    monitor autoscales a cluster that cannot grow, the log monitor streams worker output to drivers that
+    set ``log_to_driver=False`` (worker logs are still written to Ray's session folder). Each also
+    imports Ray while the run starts, on cores that Spark and the training workers need then.
+    ``ray.init`` passes neither setting to the head node's ``RayParams``, so its class is swapped for one
+    that defaults them off for the duration of the call, as Ray's own ``cluster_utils.Cluster`` does
+    for the log monitor.
+    """
+    if not local:
+        yield
+        return
+    from ray._private import parameter
+
+    original = parameter.RayParams
+
+    class _Lean(original):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("no_monitor", True)
+            kwargs.setdefault("include_log_monitor", False)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = _Lean
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
 
 
 @contextlib.contextmanager
