@@ -139,6 +139,7 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
     _, background = settle_early_start()
     start_ray(training_cpus(spec.scaling.num_workers, spec.scaling.cpus_per_worker))
     stamps["ray_started"] = time.time()
+    _autoscaling_coordinator_now()
     _quiet_ray_data()
     _warn_node_local_storage(spec.scaling.storage_path)
     datasets = {s: read_split(str(prepared.split_path(s).resolve()), prepared.manifest["counts"][s],
@@ -182,6 +183,30 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
     if background:
         out.extra["startup"]["ray_start_background"] = background
     return out
+
+
+def _autoscaling_coordinator_now() -> None:
+    """Create the actor Ray Train's controller asks for resources before it starts any worker.
+
+    The controller gets or creates Ray's detached ``AutoscalingCoordinator`` in its first step and
+    waits for the answer. Created there, the actor inherits the controller's runtime env (Ray Train's
+    env vars), so the raylet starts a fresh Python process for it while the run waits (~1.3 s between
+    the coordinator's process start and the next actor's, measured in one digits run's Ray logs).
+    Created from here, with this job's plain env, it takes one of the idle workers Ray pre-started for
+    the driver, while the controller's own process starts; the controller then gets the same actor.
+    Not on a cluster joined through $RAY_ADDRESS: a job there runs in its own runtime env (working_dir),
+    so an actor of the driver takes no pre-started worker either.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        get_or_create_autoscaling_coordinator()
+    except Exception:  # noqa: BLE001 - an optimisation: the controller creates it as before
+        log.debug("could not create Ray's autoscaling coordinator early", exc_info=True)
 
 
 def startup_parts(stamps: dict[str, float], history: list[dict[str, Any]], progress_file: Path | None
