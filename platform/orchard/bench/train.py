@@ -7,7 +7,9 @@ so a ratio measures the platform, not a faster optimizer step.
                                   from the worker's in-memory epoch cache) ÷ a hand-written loop over
                                   in-memory tensors
   platform, cache: none / plain   the same, streaming every epoch through Ray Data
-  Ray Data fed / in-memory fed    the hand-written loop fed by Ray Data from the Parquet ÷ fed from memory
+  object store fed / in-memory    the hand-written loop fed as the workers are (a split that fits: its
+                                  blocks in the object store, read by the driver; else Ray Data streaming
+                                  the Parquet) ÷ fed from memory
   2 workers / 1 worker            Ray Train throughput with 2 workers ÷ with 1 (cache: auto)
   end-to-end                      wall time of ``orchard run`` on a fresh output folder (so Spark prep
                                   runs), spec to finished MLflow run, ÷ a plain PyTorch script
@@ -24,7 +26,7 @@ Throughput is steady state (the first epoch warms up and is not counted). The fi
 its wall time minus epochs × the steady epoch time: Ray start, worker group, data planning, eval, checkpoints.
 
 A shared machine drifts by several percent within a minute, so measurements alternate: the two loops
-of Ray Data fed / in-memory fed epoch by epoch, the others whole measurements (plain, platform cache
+of object store fed / in-memory epoch by epoch, the others whole measurements (plain, platform cache
 auto, cache none, plain, ...; plain script, orchard run, plain script, ...). Each repeat's ratio is its
 measurement over the mean of the baselines on either side; ``spread`` is the lowest and highest of those
 per-repeat ratios, ``ratio`` their baseline-weighted mean (the ratio of the means), and every figure
@@ -73,7 +75,7 @@ def platform_metric(cache: str) -> str:
     return f"platform, cache: {cache} / plain loop (both fused Adam)"
 
 
-FED_METRIC = "Ray Data fed / in-memory fed (both fused Adam)"
+FED_METRIC = "object store fed / in-memory fed (both fused Adam)"
 FIXED_METRIC = "fixed cost of a run"
 WORKERS_METRIC = "2 workers / 1 worker"
 E2E_METRIC = "orchard run incl. Spark prep / plain script, wall (same fused Adam)"
@@ -223,7 +225,7 @@ def _case(tmp: Path, name: str, model_cfg: dict, prepared, progress, repeats: in
          (build_model(spec, prepared.manifest), _raydata_batches(prepared))], spec, EPOCHS + 1)
     mem_rates, fed_rates = ([n / s for n, s in e[1:]] for e in (mem_epochs, fed_epochs))
     progress(f"{name}: plain loop {_steady(mem_epochs):,.0f} samples/s, "
-             f"Ray Data fed loop {_steady(fed_epochs):,.0f} samples/s")
+             f"object store fed loop {_steady(fed_epochs):,.0f} samples/s")
     results = [ratio_row(name, FED_METRIC, "samples/s", fed_rates, mem_rates,
                          note=f"epoch by epoch: in-memory {_figures(mem_rates)}; Ray Data {_figures(fed_rates)}")]
     fixed: list[float] = []
