@@ -1,5 +1,5 @@
 """A background Ray start (``start_ray_early``): the next ``start_ray`` waits for it and owns the instance;
-a local instance runs without the autoscaler and log monitors."""
+a local instance runs without the autoscaler and log monitors, and, when asked, without the API server."""
 from __future__ import annotations
 
 import json
@@ -45,7 +45,7 @@ _SCRIPT = textwrap.dedent("""
     out["thread_left"] = any(t.name == "orchard-ray-start" for t in threading.enumerate())
 
     # A start that fails reaches whoever settles it, as the error the start raised.
-    def broken(min_cpus):
+    def broken(min_cpus, **kwargs):
         raise RuntimeError("no room for Ray")
 
     raystart._start_ray = broken
@@ -77,3 +77,48 @@ def test_a_background_start_is_waited_for_owned_kept_alive_and_its_error_raised(
     assert got["thread_left"] is False  # the keeper thread ends with the instance
     assert got["early_again"] is True and got["error"] == "no room for Ray"
     assert got["cluster"] is False
+
+
+_NO_API_SERVER = textwrap.dedent("""
+    import json, os, time
+    import psutil
+    import ray
+    from ray._private import node
+    from orchard import raystart
+
+    out = {"owned": raystart.start_ray(2, api_server=False)}
+
+    @ray.remote
+    def pid():
+        return os.getpid()
+
+    out["task"] = ray.get(pid.remote(), timeout=60) != os.getpid()
+    out["cpus"] = ray.cluster_resources()["CPU"]
+    # The agents name themselves ("ray::DashboardAgent") once they have imported Ray: wait for that.
+    for _ in range(60):
+        names = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                names += [os.path.basename(a) for a in child.cmdline() if a.endswith(".py") or a.startswith("ray::")]
+            except psutil.Error:
+                pass
+        if {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= set(names):
+            break
+        time.sleep(0.5)
+    out["scripts"] = sorted(set(names))
+    out["restored"] = node.Node.start_api_server.__name__ == "start_api_server"
+    ray.shutdown()
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_a_local_instance_can_start_without_the_api_server_and_still_runs_tasks():
+    """What a Flower simulation starts: no ``dashboard.py`` (its ~117 MiB), agents and tasks as usual."""
+    out = subprocess.run([sys.executable, "-c", _NO_API_SERVER], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["owned"] is True and got["task"] is True and got["cpus"] >= 2
+    assert "dashboard.py" not in got["scripts"], got["scripts"]
+    assert "ray::DashboardAgent" in got["scripts"] and "ray::RuntimeEnvAgent" in got["scripts"], got["scripts"]
+    assert got["restored"]  # Ray's own method is back once the start is done

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from orchard.data.manifest import FEATURES_COL, GROUP_COL, LABEL_COL, MANIFEST, file_hash
@@ -112,11 +111,15 @@ def _contract_batch(batch: pa.RecordBatch, schema: pa.Schema, feature_dim: int) 
 
 def distinct_groups(folder: Path) -> int:
     """How many distinct partition-column values a written split holds."""
+    import pyarrow.dataset as ds  # here: it imports pandas (~40 MiB), which a Flower client never needs
+
     column = ds.dataset(str(folder), format="parquet").to_table(columns=[GROUP_COL])[GROUP_COL]
     return int(pc.count_distinct(column).as_py())
 
 
 def finish_quarantine(staged: Path, out: Path) -> int:
+    import pyarrow.dataset as ds
+
     table = ds.dataset(str(staged), format="parquet").to_table().sort_by("row")
     write_parts(table.cast(QUARANTINE_SCHEMA), out, 1)
     return table.num_rows
