@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,6 @@ class StrictGuard(GuardedStrategy):
         return MetricRecord({k.removeprefix("fed/"): v for k, v in scores.items()}) if scores else None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Any, Any]:
-        replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         log_ = self.rounds[server_round + self.offset]
         if self.strict and not any(c["status"] == "ok" for c in log_.clients):
@@ -96,6 +95,57 @@ class StrictGuard(GuardedStrategy):
             raise FederationError(f"round {server_round + self.offset}: none of {log_.sampled} client(s) "
                                   f"trained ({reasons})")
         return arrays, metrics
+
+
+class StreamingGrid(Grid):
+    """A grid whose ``send_and_receive`` yields each reply as it is pulled, not a list once all are in.
+
+    The instructions are pushed at the call, as Flower's grids do (the strategy reads their message ids
+    before it reads a reply); replies are then pulled every ``pull_interval`` (the wrapped grid's: 0.1 s
+    in simulation, 3 s against a SuperLink) until all have come or ``timeout`` has passed, the same
+    loop as Flower's. A strategy that folds replies as they come (``GuardedStrategy._fold``) then holds
+    one at a time; one that needs them all makes its own list.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.grid.push_messages(messages))
+        return self._replies(pending, timeout)
+
+    def _replies(self, pending: set[str], timeout: float | None) -> Iterator[Message]:
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        interval = float(getattr(self.grid, "pull_interval", 3.0))
+        while timeout is None or time.time() < end:
+            for msg in self.grid.pull_messages(pending):
+                pending.discard(msg.metadata.reply_to_message_id)
+                yield msg
+            if not pending:
+                return
+            time.sleep(interval)
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> None:
@@ -231,7 +281,7 @@ def run_server(grid: Grid, spec: JobSpec, manifest: dict, val_xy: tuple[torch.Te
     evaluate_fn = _evaluate_fn(spec, manifest, val_xy, federation, strategy, ledger, stopper, on_round)
     try:
         result = strategy.start(
-            grid=grid, initial_arrays=initial, num_rounds=fed.rounds - start,
+            grid=StreamingGrid(grid), initial_arrays=initial, num_rounds=fed.rounds - start,
             timeout=round_timeout_s or fed.round_timeout_s,
             train_config=ConfigRecord({"lr": client_lr(spec), "local-epochs": fed.local_epochs}),
             evaluate_fn=evaluate_fn,

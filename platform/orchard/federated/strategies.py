@@ -268,58 +268,119 @@ class GuardedStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:
         rnd = server_round + self.offset
         log = self.rounds.setdefault(rnd, RoundLog())
+        if self.folds():
+            return self._fold(rnd, replies, log)
         replies = list(replies)
         try:
             good = self._screen(rnd, replies, log)
-            if len(good) < self.min_replies:
-                logger.warning("round %d skipped: %d valid replies, federated.min_train_clients=%d",
-                               rnd, len(good), self.min_replies)
-                log.skipped = True
-                return None, None
-            arrays, metrics = self.inner.aggregate_train(rnd, good)
-            log.skipped = arrays is None  # e.g. Bulyan, or a DP wrapper that refused the round
-            return arrays, metrics
+            return self._aggregate(rnd, good, len(good), log)
         finally:
             release_arrays(replies)
 
-    def _screen(self, rnd: int, replies: list[Any], log: RoundLog) -> list[Any]:
-        good = []
-        answered = set()
+    def _aggregate(self, rnd: int, good: list[Any], valid: int, log: RoundLog) -> tuple[Any, Any]:
+        if valid < self.min_replies:
+            logger.warning("round %d skipped: %d valid replies, federated.min_train_clients=%d",
+                           rnd, valid, self.min_replies)
+            log.skipped = True
+            return None, None
+        arrays, metrics = self.inner.aggregate_train(rnd, good)
+        log.skipped = arrays is None  # e.g. Bulyan, or a DP wrapper that refused the round
+        return arrays, metrics
+
+    def folds(self) -> bool:
+        """Whether the inner strategy's train aggregation is the num-examples-weighted mean of the replies'
+        arrays and metrics (FedAvg's; FedProx, FedAvgM and the FedOpt family apply their server step to
+        that mean), so replies can be folded into it one by one as they arrive (``_fold``)."""
+        from flwr.serverapp import strategy as st
+        from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+        return (type(self.inner) in (st.FedAvg, st.FedProx, st.FedAvgM, st.FedAdagrad, st.FedAdam, st.FedYogi)
+                and self.inner.weighted_by_key == "num-examples"
+                and self.inner.train_metrics_aggr_fn is aggregate_metricrecords)
+
+    def _fold(self, rnd: int, replies: Iterable[Any], log: RoundLog) -> tuple[Any, Any]:
+        """Screen each reply as it arrives and add it to a running weighted sum, dropping its arrays at once;
+        the inner strategy then aggregates one reply that holds the mean, weighted by the rows of all.
+
+        The ServerApp so holds one client model (plus the sum) rather than a round's worth: replies come
+        from ``StreamingGrid`` as the grid receives them (cnn100, 100 replies of 1.7 MB: the ServerApp grew
+        ~195 MiB through round 1 with the whole list). Sums are float64; the mean is cast back to each
+        array's dtype (integer buffers stay float64, as Flower's own mean leaves them).
+        """
+        from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
         nodes, sent_to = self._sent_to()
+        answered: set[int] = set()
+        sums: dict[str, np.ndarray] = {}
+        dtypes: dict[str, np.dtype] = {}
+        rows, loss, valid = 0, 0.0, 0
         for msg in replies:
-            # An error the SuperLink makes for a node it gave up on (NODE_UNAVAILABLE) comes from the SuperLink's
-            # own id: the node is the one its instruction went to, counted once, not again as "no reply".
-            node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            answered.add(node)
-            if msg.has_error():
-                log.failed += 1
-                log.clients.append(self._row(rnd, node, "failed", _last_line(msg.error.reason or "")
-                                             or f"error code {msg.error.code}"))
-                continue
-            if ARRAYS_KEY in msg.content.array_records:
-                log.bytes_received += record_bytes(msg.content[ARRAYS_KEY])
-            cid = self.check.client_of(msg)
-            if cid is not None:
-                self.node_client[node] = cid
-            reason = self.check.problem(msg)
-            if reason is not None:
-                log.rejected += 1
-                logger.warning("round %d: rejected the reply of client %s (node %d): %s",
-                               rnd, self.node_client.get(node, "?"), node, reason)
-                log.clients.append(self._row(rnd, node, "rejected", reason))
-                continue
-            n, claimed = self.check.weight(msg)
-            note = ""
-            if n < claimed:
-                log.capped += 1
-                note = f"num-examples={claimed!r} capped to {n} (the node's partition size)"
-                logger.warning("round %d: client %s (node %d): %s", rnd, self.node_client.get(node, "?"), node, note)
-            log.clients.append(self._row(rnd, node, "ok", note, float(msg.content[METRICS_KEY]["train_loss"]), n))
-            good.append(msg)
-        for node in nodes - answered:
+            if self._screen_one(rnd, msg, log, sent_to, answered):
+                n = msg.content[METRICS_KEY]["num-examples"]  # as capped by _screen_one
+                for key, array in msg.content[ARRAYS_KEY].items():
+                    values = array.numpy()
+                    dtypes.setdefault(key, values.dtype)
+                    if key in sums:
+                        sums[key] += values.astype(np.float64) * n
+                    else:
+                        sums[key] = values.astype(np.float64) * n
+                rows += n
+                loss += float(msg.content[METRICS_KEY]["train_loss"]) * n
+                valid += 1
+            release_arrays([msg])
+        self._unanswered(rnd, nodes - answered, log)
+        if valid < self.min_replies:
+            return self._aggregate(rnd, [], valid, log)
+        mean = {k: v / rows if dtypes[k].kind not in "fc" else (v / rows).astype(dtypes[k]) for k, v in sums.items()}
+        content = RecordDict({ARRAYS_KEY: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in mean.items()}),
+                              METRICS_KEY: MetricRecord({"train_loss": loss / rows, "num-examples": rows})})
+        logger.info("round %d: %d valid replies folded into their weighted mean as they arrived", rnd, valid)
+        return self._aggregate(rnd, [Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)],
+                               valid, log)
+
+    def _screen(self, rnd: int, replies: list[Any], log: RoundLog) -> list[Any]:
+        nodes, sent_to = self._sent_to()
+        answered: set[int] = set()
+        good = [msg for msg in replies if self._screen_one(rnd, msg, log, sent_to, answered)]
+        self._unanswered(rnd, nodes - answered, log)
+        return good
+
+    def _screen_one(self, rnd: int, msg: Any, log: RoundLog, sent_to: dict[str, int], answered: set[int]) -> bool:
+        """Record one reply in the round's log; whether it can be aggregated (its weight capped in place)."""
+        # An error the SuperLink makes for a node it gave up on (NODE_UNAVAILABLE) comes from the SuperLink's
+        # own id: the node is the one its instruction went to, counted once, not again as "no reply".
+        node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        answered.add(node)
+        if msg.has_error():
+            log.failed += 1
+            log.clients.append(self._row(rnd, node, "failed", _last_line(msg.error.reason or "")
+                                         or f"error code {msg.error.code}"))
+            return False
+        if ARRAYS_KEY in msg.content.array_records:
+            log.bytes_received += record_bytes(msg.content[ARRAYS_KEY])
+        cid = self.check.client_of(msg)
+        if cid is not None:
+            self.node_client[node] = cid
+        reason = self.check.problem(msg)
+        if reason is not None:
+            log.rejected += 1
+            logger.warning("round %d: rejected the reply of client %s (node %d): %s",
+                           rnd, self.node_client.get(node, "?"), node, reason)
+            log.clients.append(self._row(rnd, node, "rejected", reason))
+            return False
+        n, claimed = self.check.weight(msg)
+        note = ""
+        if n < claimed:
+            log.capped += 1
+            note = f"num-examples={claimed!r} capped to {n} (the node's partition size)"
+            logger.warning("round %d: client %s (node %d): %s", rnd, self.node_client.get(node, "?"), node, note)
+        log.clients.append(self._row(rnd, node, "ok", note, float(msg.content[METRICS_KEY]["train_loss"]), n))
+        return True
+
+    def _unanswered(self, rnd: int, nodes: set[int], log: RoundLog) -> None:
+        for node in nodes:
             log.failed += 1
             log.clients.append(self._row(rnd, node, "failed", "no reply before federated.round_timeout_s"))
-        return good
 
     def _row(self, rnd: int, node: int, status: str, reason: str, loss: float | None = None,
              n: int | None = None) -> dict[str, Any]:
