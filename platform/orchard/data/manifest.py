@@ -196,7 +196,16 @@ def _verify_counts(prepared: PreparedData) -> list[str]:
 
 def split_files(prepared: PreparedData, split: str) -> list[Path]:
     """The split's Parquet files, sorted: row i of the split means the same row to every reader."""
-    return sorted(prepared.split_path(split).glob("*.parquet"))
+    return parquet_files(prepared.split_path(split))
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    """A split folder's Parquet files in name order (the order its rows were written in), or ``path``
+    itself when it is one file; names starting with ``.`` or ``_`` (a writer's temporaries) are not data."""
+    folder = Path(path)
+    if folder.is_file():
+        return [folder]
+    return sorted(f for f in folder.iterdir() if f.suffix == ".parquet" and not f.name.startswith((".", "_")))
 
 
 def label_dtype(manifest: dict[str, Any]) -> type:

@@ -271,10 +271,6 @@ MIN_BLOCKS = 16
 
 def split_files(path: str) -> list[str]:
     """A prepared split's Parquet files in name order (the order its rows were written in)."""
-    from pathlib import Path
+    from orchard.data.manifest import parquet_files
 
-    folder = Path(path)
-    if folder.is_file():
-        return [str(folder)]
-    return sorted(str(f) for f in folder.iterdir()
-                  if f.suffix == ".parquet" and not f.name.startswith((".", "_")))
+    return [str(f) for f in parquet_files(path)]
