@@ -9,7 +9,20 @@ import textwrap
 
 import pytest
 
-_SCRIPT = textwrap.dedent("""
+# Prepended to both scripts: the instance's Python processes, by script or title ("ray::DashboardAgent").
+_NAMES = textwrap.dedent("""
+    def ray_process_names():
+        import os, psutil
+        names = set()
+        for child in psutil.Process().children(recursive=True):
+            try:
+                names |= {os.path.basename(a) for a in child.cmdline() if a.endswith(".py") or a.startswith("ray::")}
+            except psutil.Error:
+                pass
+        return names
+""")
+
+_SCRIPT = _NAMES + textwrap.dedent("""
     import json, os, signal, sys, threading, time
     import ray
     from orchard import raystart
@@ -29,16 +42,8 @@ _SCRIPT = textwrap.dedent("""
 
     out["task"] = ray.get(pid.remote(), timeout=60) != os.getpid()
     out["cpus"] = ray.cluster_resources()["CPU"]
-    import psutil
     from ray._private import parameter
-    names = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            # Ray's Python processes show their script, its agents a title ("ray::DashboardAgent").
-            names += [os.path.basename(a) for a in child.cmdline() if a.endswith(".py") or a.startswith("ray::")]
-        except psutil.Error:
-            pass
-    out["scripts"] = sorted(set(names))
+    out["scripts"] = sorted(ray_process_names())
     out["params_restored"] = parameter.RayParams.__qualname__ == "RayParams"
     ray.shutdown()
     time.sleep(1.5)
@@ -60,11 +65,16 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+def _run(script: str) -> dict:
+    """The script's JSON line, run in a fresh interpreter (Ray is started and shut down there)."""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_a_background_start_is_waited_for_owned_kept_alive_and_its_error_raised():
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = _run(_SCRIPT)
     assert got["early"] is True and got["again"] is False
     assert got["handler"]  # SIGTERM still exits through sys.exit, as Ray's main-thread start arranges
     assert got["owned"] is True  # this caller shuts the instance down; the background start did not claim it
@@ -79,9 +89,8 @@ def test_a_background_start_is_waited_for_owned_kept_alive_and_its_error_raised(
     assert got["cluster"] is False
 
 
-_NO_API_SERVER = textwrap.dedent("""
+_NO_API_SERVER = _NAMES + textwrap.dedent("""
     import json, os, time
-    import psutil
     import ray
     from ray._private import node
     from orchard import raystart
@@ -96,16 +105,11 @@ _NO_API_SERVER = textwrap.dedent("""
     out["cpus"] = ray.cluster_resources()["CPU"]
     # The agents name themselves ("ray::DashboardAgent") once they have imported Ray: wait for that.
     for _ in range(60):
-        names = []
-        for child in psutil.Process().children(recursive=True):
-            try:
-                names += [os.path.basename(a) for a in child.cmdline() if a.endswith(".py") or a.startswith("ray::")]
-            except psutil.Error:
-                pass
-        if {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= set(names):
+        names = ray_process_names()
+        if {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names:
             break
         time.sleep(0.5)
-    out["scripts"] = sorted(set(names))
+    out["scripts"] = sorted(names)
     out["restored"] = node.Node.start_api_server.__name__ == "start_api_server"
     ray.shutdown()
     print(json.dumps(out))
@@ -115,9 +119,7 @@ _NO_API_SERVER = textwrap.dedent("""
 @pytest.mark.slow
 def test_a_local_instance_can_start_without_the_api_server_and_still_runs_tasks():
     """What a Flower simulation starts: no ``dashboard.py`` (its ~117 MiB), agents and tasks as usual."""
-    out = subprocess.run([sys.executable, "-c", _NO_API_SERVER], capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = _run(_NO_API_SERVER)
     assert got["owned"] is True and got["task"] is True and got["cpus"] >= 2
     assert "dashboard.py" not in got["scripts"], got["scripts"]
     assert "ray::DashboardAgent" in got["scripts"] and "ray::RuntimeEnvAgent" in got["scripts"], got["scripts"]
