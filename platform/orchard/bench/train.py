@@ -128,7 +128,7 @@ def _memory_batches(x: torch.Tensor, y: torch.Tensor):
     return gen
 
 
-def _raydata_batches(prepared):
+def _worker_fed_batches(prepared):
     """The same object store → tensor path the Ray Train workers use: a split kept in the object store is
     read as its blocks (``feed.BlockShard``, as ``ShardConfig`` deals it to a rank), a streamed one through
     Ray Data."""
@@ -222,12 +222,12 @@ def _case(tmp: Path, name: str, model_cfg: dict, prepared, progress, repeats: in
     torch.manual_seed(0)
     mem_epochs, fed_epochs = _alternating(
         [(build_model(spec, prepared.manifest), _memory_batches(x, y)),
-         (build_model(spec, prepared.manifest), _raydata_batches(prepared))], spec, EPOCHS + 1)
+         (build_model(spec, prepared.manifest), _worker_fed_batches(prepared))], spec, EPOCHS + 1)
     mem_rates, fed_rates = ([n / s for n, s in e[1:]] for e in (mem_epochs, fed_epochs))
     progress(f"{name}: plain loop {_steady(mem_epochs):,.0f} samples/s, "
              f"object store fed loop {_steady(fed_epochs):,.0f} samples/s")
     results = [ratio_row(name, FED_METRIC, "samples/s", fed_rates, mem_rates,
-                         note=f"epoch by epoch: in-memory {_figures(mem_rates)}; Ray Data {_figures(fed_rates)}")]
+                         note=f"epoch by epoch: in-memory {_figures(mem_rates)}; object store fed {_figures(fed_rates)}")]
     fixed: list[float] = []
 
     def platform(cache: str, workers: int = 1) -> float:

@@ -319,11 +319,11 @@ class GuardedStrategy(Strategy):
                 n = msg.content[METRICS_KEY]["num-examples"]  # as capped by _screen_one
                 for key, array in msg.content[ARRAYS_KEY].items():
                     values = array.numpy()
-                    dtypes.setdefault(key, values.dtype)
+                    weighted = np.multiply(values, n, dtype=np.float64)
                     if key in sums:
-                        sums[key] += values.astype(np.float64) * n
+                        sums[key] += weighted
                     else:
-                        sums[key] = values.astype(np.float64) * n
+                        sums[key], dtypes[key] = weighted, values.dtype
                 rows += n
                 loss += float(msg.content[METRICS_KEY]["train_loss"]) * n
                 valid += 1
