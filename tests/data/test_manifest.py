@@ -10,6 +10,7 @@ import pytest
 from orchard.data.manifest import (
     feature_matrix,
     label_dtype,
+    numbers,
     prepared_folder,
     read_features,
     read_groups,
@@ -113,3 +114,32 @@ def test_slug_and_prepared_folder_name_the_prepared_data(tmp_path):
     assert slug("sklearn:Breast Cancer") == "sklearn-breast-cancer"
     assert slug("--", "column") == "column" and slug("--") == "data"
     assert prepared_folder(tmp_path, "digits", "abc123") == tmp_path / "digits-abc123"
+
+
+@pytest.mark.parametrize("array", [
+    pa.array(np.arange(10, dtype=np.int64)).slice(3, 4),
+    pa.array(np.arange(10, dtype=np.uint8)).slice(7),
+    pa.array(np.linspace(0, 1, 9)).slice(2, 5),
+    pa.array(np.arange(6, dtype=np.float32)),
+    pa.chunked_array([pa.array([1, 2], pa.int32()), pa.array([3], pa.int32()).slice(0, 1), pa.array([], pa.int32())]),
+    pa.chunked_array([], pa.int64()),
+    pa.array([1.5, None, 2.5]),
+    pa.array([True, False, True]),
+])
+def test_numbers_read_a_column_as_arrow_converts_it(array):
+    got, want = numbers(array), array.to_numpy(zero_copy_only=False)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+def test_reading_a_split_does_not_load_pandas(tmp_path):
+    """A Flower client or the ServerApp reads splits; pandas (0.5 s, 65 MiB a process) must stay out."""
+    import subprocess
+    import sys
+
+    prepared = write_prepared(tmp_path / "p", _rows(50), np.arange(50) % 3, {"train": slice(0, 50)}, files=3)
+    code = ("import sys; from orchard.data.manifest import load_manifest, read_split; "
+            f"x, y = read_split(load_manifest({str(prepared.path)!r}), 'train'); "
+            "print(x.shape, int(y.sum()), 'pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["(50,", "3)", str(int((np.arange(50) % 3).sum())), "False"]

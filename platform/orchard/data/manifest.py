@@ -229,18 +229,43 @@ def feature_matrix(column: pa.Array | pa.ChunkedArray, copy: bool = True) -> np.
 
     dim = column.type.list_size
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    flats = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunks]
+    flats = [numbers(chunk.flatten()) for chunk in chunks]
     if not copy and len(flats) == 1:
         return np.asarray(flats[0], dtype=np.float32).reshape(-1, dim)
     flat = np.concatenate(flats) if flats else np.zeros(0, np.float32)  # concatenate copies
     return flat.astype(np.float32, copy=False).reshape(-1, dim)
 
 
+def numbers(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An integer or float Arrow array as NumPy: a read-only view of its data buffer when it has no nulls.
+
+    Arrow's ``to_numpy`` runs its pandas conversion, whose first use imports pandas (0.5 s and 65 MiB in a
+    Flower client or ServerApp that never touches pandas); a null-free number column is just its buffer.
+    Chunks are joined (a copy); anything else (nulls, other types) takes Arrow's own conversion.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    if isinstance(array, pa.ChunkedArray):
+        if array.num_chunks != 1:
+            return np.concatenate([numbers(c) for c in array.chunks]) if array.num_chunks else array.to_numpy()
+        array = array.chunk(0)
+    kind = "i" if pa.types.is_signed_integer(array.type) else "u" if pa.types.is_unsigned_integer(array.type) \
+        else "f" if pa.types.is_floating(array.type) else None
+    if kind is None or array.null_count:
+        return array.to_numpy(zero_copy_only=False)
+    width = array.type.bit_width // 8
+    view = np.frombuffer(array.buffers()[1], dtype=f"<{kind}{width}", count=len(array), offset=array.offset * width)
+    view.flags.writeable = False  # Arrow's memory, as to_numpy's zero-copy views are
+    return view
+
+
 def _read_table(files: Sequence[Path], columns: list[str]) -> pa.Table | None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(f, columns=columns) for f in files]
+    # ParquetFile, not pq.read_table: that goes through pyarrow.dataset, whose import loads pandas.
+    tables = [pq.ParquetFile(f).read(columns=columns) for f in files]
     return pa.concat_tables(tables) if tables else None
 
 
@@ -256,7 +281,7 @@ def read_xy(files: Sequence[Path], feature_dim: int, labels_as: type | None = No
     table = _read_table(files, [FEATURES_COL, LABEL_COL])
     if table is None:
         return np.zeros((0, feature_dim), np.float32), np.zeros(0, labels_as)
-    return _features(table, feature_dim), np.array(table.column(LABEL_COL).to_numpy(), dtype=labels_as)
+    return _features(table, feature_dim), np.array(numbers(table.column(LABEL_COL)), dtype=labels_as)
 
 
 def read_split(prepared: PreparedData, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -280,7 +305,7 @@ def read_labels(prepared: PreparedData, split: str) -> np.ndarray:
 
     dtype = label_dtype(prepared.manifest)
     table = _read_table(split_files(prepared, split), [LABEL_COL])
-    return np.zeros(0, dtype) if table is None else np.array(table.column(LABEL_COL).to_numpy(), dtype=dtype)
+    return np.zeros(0, dtype) if table is None else np.array(numbers(table.column(LABEL_COL)), dtype=dtype)
 
 
 def read_groups(prepared: PreparedData, split: str) -> np.ndarray | None:

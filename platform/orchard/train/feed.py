@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from ray.train import DataConfig
 
-from orchard.data.manifest import FEATURES_COL, LABEL_COL, feature_matrix
+from orchard.data.manifest import FEATURES_COL, LABEL_COL, feature_matrix, numbers
 
 # Blocks held back to shuffle their order: the whole split when it is smaller, else a sliding window.
 SHUFFLE_WINDOW_BYTES = 256 << 20
@@ -83,7 +83,7 @@ def _pinned(x: torch.Tensor, y: torch.Tensor, pin: bool) -> tuple[torch.Tensor, 
 
 def _as_tensors(chunk, label_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     features = feature_matrix(chunk.column(FEATURES_COL), copy=False)  # a view of the block when it can be
-    labels = chunk.column(LABEL_COL).to_numpy()
+    labels = numbers(chunk.column(LABEL_COL))
     with warnings.catch_warnings():
         # Arrow buffers are read-only; the loop never writes to a batch, so a view is safe.
         warnings.simplefilter("ignore", UserWarning)
