@@ -108,6 +108,9 @@ def _worker(rank: int, strategy: str, port: int, out: str) -> None:
         own = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                for k, v in model.state_dict().items()}
         torch.save(own, os.path.join(out, f"own{rank}.pt"))
+        # No rank tears its group down while a peer still has a collective in flight: gloo aborts the
+        # peer's process (SIGABRT) when the connection closes under it, a rare failure of this test.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
