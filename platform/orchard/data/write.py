@@ -52,13 +52,13 @@ def contract_table(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = Non
     Labels keep their numpy type: int64 class indices, or a float32 regression target.
     """
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    columns = {FEATURES_COL: pa.FixedSizeListArray.from_arrays(_numbers(flat), x.shape[1]), LABEL_COL: _numbers(y)}
+    columns = {FEATURES_COL: pa.FixedSizeListArray.from_arrays(_as_arrow(flat), x.shape[1]), LABEL_COL: _as_arrow(y)}
     if groups is not None:
         columns[GROUP_COL] = pa.array([str(g) for g in groups], pa.string())
     return pa.Table.from_arrays(list(columns.values()), names=list(columns))
 
 
-def _numbers(values: np.ndarray) -> pa.Array:
+def _as_arrow(values: np.ndarray) -> pa.Array:
     """A 1-D number array as an Arrow array over the same memory. ``pa.array`` and ``pa.table`` would do,
     but their first call imports pandas (0.5 s, 65 MiB), which the ServerApp writing partitions never uses."""
     values = np.ascontiguousarray(values)
