@@ -47,8 +47,20 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, requests.RequestException | OSError | TimeoutError)
 
 
+# MLflow's file and SQL stores (its DATABASE_ENGINES, with or without a "+driver"): nothing to ask over HTTP.
+_LOCAL_SCHEMES = frozenset({"", "file", "sqlite", "postgresql", "mysql", "mssql"})
+
+
 def _rest_creds(uri: str):
-    """The REST store's host credentials for ``uri``, or None for a local (SQLite, file) store."""
+    """The REST store's host credentials for ``uri``, or None for a local (SQLite, file) store.
+
+    A file or database URI is told by its scheme, without importing mlflow or opening the store (2-4 s
+    at a run's start, while Ray starts beside it); any other scheme asks MLflow which store it gets.
+    """
+    from urllib.parse import urlparse
+
+    if urlparse(uri).scheme.split("+", 1)[0].lower() in _LOCAL_SCHEMES:
+        return None
     from mlflow.store.tracking.rest_store import RestStore
     from mlflow.tracking import MlflowClient
 

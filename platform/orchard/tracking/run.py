@@ -11,6 +11,7 @@ import logging
 import os
 import posixpath
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,26 @@ def check_reachable(uri: str) -> None:
     if not reachable(uri):
         raise TrackingUnavailable(f"MLflow tracking server at {uri} is unreachable: start it, or point "
                                   "tracking.uri / $MLFLOW_TRACKING_URI at one that runs")
+
+
+def open_store_early(uri: str) -> threading.Thread:
+    """Import mlflow and open the tracking store at ``uri`` in a background thread; join it before using MLflow.
+
+    MLflow keeps one store per URI, so the run created afterwards reuses it. For a SQLite store the import
+    and the schema check take 2-4 s on 2 cores; a run starts this before Spark prepares its data, during
+    which the main thread mostly waits on the JVM. A failure is left for the run's own call to report.
+    """
+    def open_store() -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(uri)._tracking_client.store  # noqa: B018 - opening the store is the point
+        except Exception:  # noqa: BLE001 - JobRun opens it again and says what is wrong
+            _log.debug("opening the tracking store early failed", exc_info=True)
+
+    thread = threading.Thread(target=open_store, name="orchard-open-tracking-store", daemon=True)
+    thread.start()
+    return thread
 
 
 def _git_commit() -> str:
