@@ -26,6 +26,7 @@ from orchard.tracking.buffer import (
     reachable,
     send_terminated,
     sync_command,
+    tracking_store,
 )
 from orchard.tracking.logger import RunLogger, default_buffer_dir
 from orchard.tracking.watch import OutageWatch, buffered_system_monitor
@@ -62,9 +63,7 @@ def open_store_early(uri: str) -> threading.Thread:
     """
     def open_store() -> None:
         try:
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(uri)._tracking_client.store  # noqa: B018 - opening the store is the point
+            tracking_store(uri)
         except Exception:  # noqa: BLE001 - JobRun opens it again and says what is wrong
             _log.debug("opening the tracking store early failed", exc_info=True)
 
