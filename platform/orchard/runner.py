@@ -61,15 +61,11 @@ def run_job(spec: JobSpec, console: Console | None = None, resume: bool = False)
         _start_ray_early(spec)
         _check_tracking(spec)
         resume_id = _resumable(spec) if resume else None
-        store = _open_store_early(spec)
         t0 = time.perf_counter()
-        try:
-            with _progress(term) as progress:
-                prepared = _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
-                timings = {"prepare": time.perf_counter() - t0}
-                summary = _tracked(spec, prepared, progress, run_dir, resume_id, timings, meter, store)
-        finally:
-            store.join()  # its log lines (a new store's schema setup) stay in the engine log
+        with _progress(term) as progress:
+            prepared = _step(progress, "prepare data (Spark)", lambda: _prepare(spec, log_path))
+            timings = {"prepare": time.perf_counter() - t0}
+            summary = _tracked(spec, prepared, progress, run_dir, resume_id, timings, meter)
     summary.wall_s = time.perf_counter() - t0
     _write_timings(run_dir, timings | {"run_job": summary.wall_s})
     summary.log_path = log_path
@@ -144,13 +140,6 @@ def _check_tracking(spec: JobSpec) -> None:
     check_reachable(resolve_uri(spec))
 
 
-def _open_store_early(spec: JobSpec) -> threading.Thread:
-    """mlflow's import and the tracking store open while Spark prepares the data; ``_tracked`` joins them."""
-    from orchard.tracking import open_store_early, resolve_uri
-
-    return open_store_early(resolve_uri(spec))
-
-
 def _prepare(spec: JobSpec, log_path: Path):
     from orchard.data import prepare
 
@@ -168,12 +157,10 @@ def _resumable(spec: JobSpec) -> str:
 
 
 def _tracked(spec: JobSpec, prepared, progress: Progress, run_dir: Path, resume_id: str | None,
-             timings: dict[str, float], meter=None, store: threading.Thread | None = None) -> JobSummary:
+             timings: dict[str, float], meter=None) -> JobSummary:
     from orchard.tracking import JobRun
 
     t0 = time.perf_counter()
-    if store is not None:
-        store.join()  # one store per URI: opening it twice at once could race on a new store's schema
     job = JobRun(spec, resume_run_id=resume_id)
     try:
         job.monitor_system()

@@ -8,7 +8,6 @@ package does not import mlflow.
 
 from orchard.tracking.buffer import TrackingUnavailable, sync_buffer
 from orchard.tracking.logger import RunLogger
-from orchard.tracking.run import JobRun, check_reachable, open_store_early, resolve_uri
+from orchard.tracking.run import JobRun, check_reachable, resolve_uri
 
-__all__ = ["JobRun", "RunLogger", "TrackingUnavailable", "check_reachable", "open_store_early", "resolve_uri",
-           "sync_buffer"]
+__all__ = ["JobRun", "RunLogger", "TrackingUnavailable", "check_reachable", "resolve_uri", "sync_buffer"]

@@ -11,7 +11,6 @@ import logging
 import os
 import posixpath
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from orchard.tracking.buffer import (
     reachable,
     send_terminated,
     sync_command,
-    tracking_store,
 )
 from orchard.tracking.logger import RunLogger, default_buffer_dir
 from orchard.tracking.watch import OutageWatch, buffered_system_monitor
@@ -52,24 +50,6 @@ def check_reachable(uri: str) -> None:
     if not reachable(uri):
         raise TrackingUnavailable(f"MLflow tracking server at {uri} is unreachable: start it, or point "
                                   "tracking.uri / $MLFLOW_TRACKING_URI at one that runs")
-
-
-def open_store_early(uri: str) -> threading.Thread:
-    """Import mlflow and open the tracking store at ``uri`` in a background thread; join it before using MLflow.
-
-    MLflow keeps one store per URI, so the run created afterwards reuses it. For a SQLite store the import
-    and the schema check take 2-4 s on 2 cores; a run starts this before Spark prepares its data, during
-    which the main thread mostly waits on the JVM. A failure is left for the run's own call to report.
-    """
-    def open_store() -> None:
-        try:
-            tracking_store(uri)
-        except Exception:  # noqa: BLE001 - JobRun opens it again and says what is wrong
-            _log.debug("opening the tracking store early failed", exc_info=True)
-
-    thread = threading.Thread(target=open_store, name="orchard-open-tracking-store", daemon=True)
-    thread.start()
-    return thread
 
 
 def _git_commit() -> str:
