@@ -27,6 +27,13 @@ _SCRIPT = _NAMES + textwrap.dedent("""
     import ray
     from orchard import raystart
 
+    import socket
+    held = socket.socket()  # Ray's default port for the agent's HTTP server, taken as another instance would
+    try:
+        held.bind(("", 52365))
+        held.listen()
+    except OSError:
+        pass  # taken already
     out = {}
     out["early"] = raystart.start_ray_early(3)
     out["again"] = raystart.start_ray_early(3)  # one background start at a time
@@ -45,6 +52,16 @@ _SCRIPT = _NAMES + textwrap.dedent("""
     from ray._private import parameter
     out["scripts"] = sorted(ray_process_names())
     out["params_restored"] = parameter.RayParams.__qualname__ == "RayParams"
+    node = ray._private.worker.global_worker.node
+    out["agent_port"] = node.dashboard_agent_listen_port
+    agent_log = os.path.join(node.get_session_dir_path(), "logs", "dashboard_agent.log")
+    for _ in range(60):
+        text = open(agent_log).read() if os.path.exists(agent_log) else ""
+        if "http address" in text or "Failed to bind" in text:
+            break
+        time.sleep(0.5)
+    out["agent_http"] = [line.split("-- ", 1)[-1] for line in text.splitlines()
+                         if "http address" in line or "Failed to bind" in line]
     ray.shutdown()
     time.sleep(1.5)
     out["thread_left"] = any(t.name == "orchard-ray-start" for t in threading.enumerate())
@@ -84,6 +101,10 @@ def test_a_background_start_is_waited_for_owned_kept_alive_and_its_error_raised(
     assert "ray::DashboardAgent" in got["scripts"] and "dashboard.py" in got["scripts"], got["scripts"]
     assert "monitor.py" not in got["scripts"] and "log_monitor.py" not in got["scripts"], got["scripts"]
     assert got["params_restored"]  # Ray's own RayParams is back once the start is done
+    # Its agent serves HTTP on a free port, first time: on Ray's fixed one, taken here, it retried for 3.4 s.
+    assert got["agent_port"] not in (52365, None, -1, 0), got
+    assert got["agent_http"] == [f"Dashboard agent http address: {got['agent_http'][0].rsplit(' ', 1)[-1]}"], got
+    assert got["agent_http"][0].endswith(f":{got['agent_port']}"), got
     assert got["thread_left"] is False  # the keeper thread ends with the instance
     assert got["early_again"] is True and got["error"] == "no room for Ray"
     assert got["cluster"] is False

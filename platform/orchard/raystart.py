@@ -164,15 +164,20 @@ def _start_ray(min_cpus: float, api_server: bool = True) -> bool:
 
 @contextlib.contextmanager
 def _without_monitors(local: bool) -> Iterator[None]:
-    """A local instance starts without the autoscaler monitor and the log monitor.
+    """A local instance starts without the autoscaler monitor and the log monitor, and its dashboard agent
+    listens for HTTP on a free port.
 
-    Both are Python processes (~80 MiB each, measured) that a one-machine instance has no use for: the
-    monitor autoscales a cluster that cannot grow, the log monitor streams worker output to drivers that
+    Both monitors are Python processes (~80 MiB each, measured) that a one-machine instance has no use for:
+    the monitor autoscales a cluster that cannot grow, the log monitor streams worker output to drivers that
     set ``log_to_driver=False`` (worker logs are still written to Ray's session folder). Each also
     imports Ray while the run starts, on cores that Spark and the training workers need then.
-    ``ray.init`` passes neither setting to the head node's ``RayParams``, so its class is swapped for one
-    that defaults them off for the duration of the call, as Ray's own ``cluster_utils.Cluster`` does
-    for the log monitor.
+    The agent's port is Ray's fixed 52365 otherwise: while another instance held it (another run's, or the
+    last run's agent still exiting) the agent retried for 3.4 s and ``ray.init`` waited for it (2.5 → 5.6 s
+    with a second instance up; the agent's log: "Failed to bind to port 52365 (attempt 1/6)"). Nothing
+    uses that port on a local instance (it serves job submission).
+    ``ray.init`` passes none of these settings to the head node's ``RayParams``, so its class is swapped for
+    one with these defaults for the duration of the call, as Ray's own ``cluster_utils.Cluster`` does for
+    the log monitor.
     """
     if not local:
         yield
@@ -185,6 +190,7 @@ def _without_monitors(local: bool) -> Iterator[None]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("no_monitor", True)
             kwargs.setdefault("include_log_monitor", False)
+            kwargs.setdefault("dashboard_agent_listen_port", _free_port())
             super().__init__(*args, **kwargs)
 
     parameter.RayParams = _Lean
@@ -192,6 +198,14 @@ def _without_monitors(local: bool) -> Iterator[None]:
         yield
     finally:
         parameter.RayParams = original
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
