@@ -129,7 +129,12 @@ def _start_ray_early(spec: JobSpec) -> None:
     if spec.kind == "train":
         from orchard.raystart import start_ray_early, training_cpus
 
-        start_ray_early(training_cpus(spec.scaling.num_workers, spec.scaling.cpus_per_worker))
+        if start_ray_early(training_cpus(spec.scaling.num_workers, spec.scaling.cpus_per_worker)):
+            # Imported after the start began (torch, Ray Train: they overlap it; run_training needs them
+            # anyway): once Ray is up, the processes Ray Train will ask for start.
+            from orchard.train.launcher import prewarm
+
+            prewarm(spec)
 
 
 def _check_tracking(spec: JobSpec) -> None:

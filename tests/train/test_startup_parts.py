@@ -1,5 +1,6 @@
 """The fixed-cost parts a Ray Train run records, from its wall-clock stamps and the controller's report times;
-the actor the controller first waits for is created early, in a process Ray pre-started."""
+the actor the controller first waits for is created early, in a process Ray pre-started; the controller, its
+helpers and the training workers run in processes started for them before ``fit()`` (``launcher.prewarm``)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,83 @@ def test_the_autoscaling_coordinator_is_created_early_on_a_worker_ray_pre_starte
     assert got["idle"], "Ray pre-started no worker for the driver"
     # The actor Ray Train's controller waits for runs in a pre-started process, not in a fresh one.
     assert len(got["host"]) == 1 and got["host"][0] in got["idle"], got
+
+
+_PREWARMED = textwrap.dedent("""
+    import json, sys, threading, time
+    from pathlib import Path
+    import psutil, ray
+    from orchard.config import JobSpec
+    from orchard.data.manifest import load_manifest
+    from orchard.raystart import start_ray
+    from orchard.train.launcher import prewarm, run_training
+
+    def titled():
+        found = {}
+        for child in psutil.Process().children(recursive=True):
+            try:
+                found[child.pid] = (child.cmdline() or [""])[0].strip()
+            except psutil.Error:
+                pass
+        return found
+
+    def torch_loaded(pid):
+        try:
+            return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            return False
+
+    spec = JobSpec.model_validate({
+        "name": "prewarm", "kind": "train", "model": {"family": "mlp", "hidden": [32]},
+        "train": {"epochs": 1, "batch_size": 64},
+        "scaling": {"num_workers": 2, "use_gpu": False, "storage_path": sys.argv[2]}})
+    start_ray(3)
+    time.sleep(3)  # Ray's own idle workers for the driver are up
+    before = set(titled())
+    prewarm(spec)
+    # The controller, the training workers and the controller's first helper: Ray starts as many
+    # processes at a time as the machine has cores and may drop a queued request (the last helper).
+    wanted = 1 + spec.scaling.num_workers + 1
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        idle = {p for p, t in titled().items() if t == "ray::IDLE" and p not in before}
+        if len(idle) >= wanted and sum(map(torch_loaded, idle)) >= spec.scaling.num_workers:
+            break
+        time.sleep(0.2)
+    preloaded = {p for p in idle if torch_loaded(p)}
+    seen, stop = {}, threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            for pid, title in titled().items():
+                if title in ("ray::TrainController", "ray::RayTrainWorker", "ray::PlacementGroupCleaner"):
+                    seen.setdefault(title, set()).add(pid)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    result = run_training(spec, load_manifest(Path(sys.argv[1])))
+    stop.set()
+    watcher.join()
+    print(json.dumps({"idle": sorted(idle), "preloaded": sorted(preloaded), "wanted": wanted,
+                      "seen": {k: sorted(v) for k, v in seen.items()}, "epochs": len(result.history)}))
+    ray.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_a_runs_controller_and_workers_take_the_processes_prewarm_started_with_torch_imported(
+        digits_prepared, tmp_path):
+    # Ray Train gives its controller and workers a runtime env; a worker started for another env (or a
+    # string that serializes it differently) would not serve them and they would start fresh processes.
+    out = subprocess.run([sys.executable, "-c", _PREWARMED, str(digits_prepared.path), str(tmp_path / "ray")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["epochs"] == 1
+    assert len(got["idle"]) >= got["wanted"], got
+    assert len(got["preloaded"]) == 2, got  # the training workers' setup hook imported torch while idle
+    seen = got["seen"]
+    assert len(seen["ray::RayTrainWorker"]) == 2 and set(seen["ray::RayTrainWorker"]) <= set(got["preloaded"]), got
+    for helper in ("ray::TrainController", "ray::PlacementGroupCleaner"):
+        assert seen[helper] and set(seen[helper]) <= set(got["idle"]) - set(got["preloaded"]), got

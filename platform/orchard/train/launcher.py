@@ -23,7 +23,7 @@ from orchard.data.manifest import PreparedData, read_labels
 from orchard.engine.checkpoint import load_checkpoint
 from orchard.models import build_model
 from orchard.progress import read_progress, write_progress
-from orchard.raystart import settle_early_start, start_ray, training_cpus
+from orchard.raystart import prestart_when_up, settle_early_start, start_ray, training_cpus
 from orchard.results import MetricLogger, RunResult
 
 log = logging.getLogger("orchard.train")
@@ -117,6 +117,51 @@ def _train_env(seconds: float):
             os.environ.pop(k, None)
 
 
+# Ray runs the function this env var names as a training worker's process starts (the env var that Ray's
+# ``worker_process_setup_hook`` runtime-env field becomes): a worker pre-started for a run has imported
+# torch, Ray Train and the training loop before the run asks for it.
+_SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"  # ray._private.ray_constants
+WORKER_ENV_VARS = {_SETUP_HOOK_ENV: "orchard.train.worker.preload"}
+# The actors a run's controller creates in its own runtime env: its placement-group cleaner and its
+# synchronization actor.
+_CONTROLLER_HELPERS = 2
+
+
+def run_envs(spec: JobSpec) -> list[tuple[str, int]]:
+    """The runtime envs, as Ray will serialize them, of the processes a run's ``fit()`` starts, with how
+    many of each, in the order it needs them: the controller, the training workers, the controller's
+    helpers (what ``raystart.prestart_workers`` is given; see ``prewarm``).
+
+    The controller gets the driver's Ray Train variables plus one of Ray's (``DataParallelTrainer``), as
+    ``RuntimeEnv.serialize`` writes them (sorted JSON); a helper created without an env inherits the
+    controller's string as is. A training worker's env is the controller's merged with
+    ``WORKER_ENV_VARS`` by the controller's C++ core worker, which writes JSON with no spaces.
+    """
+    from ray.runtime_env import RuntimeEnv
+    from ray.train.v2._internal.constants import (
+        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+        RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+        get_env_vars_to_propagate,
+    )
+
+    with _train_env(spec.scaling.collective_timeout_s):
+        env = get_env_vars_to_propagate()
+    env.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    workers = json.dumps({"env_vars": {**env, **WORKER_ENV_VARS}}, sort_keys=True, separators=(",", ":"))
+    controller = RuntimeEnv(env_vars=env).serialize()
+    return [(controller, 1), (workers, spec.scaling.num_workers), (controller, _CONTROLLER_HELPERS)]
+
+
+def prewarm(spec: JobSpec) -> None:
+    """Have a local Ray start the processes ``fit()`` will ask for, now: Ray Train gives its controller and
+    workers a runtime env, so none of them can take the idle workers Ray pre-starts for the driver, and each
+    waited for a fresh interpreter, one after another. Asked for before the data is planned (or, from the
+    runner, while it is prepared), they start in the background and are idle by the time they are needed,
+    the training workers with their imports done (``tests/train/test_startup_parts.py`` checks that the
+    run's processes are these)."""
+    prestart_when_up(run_envs(spec))
+
+
 def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | None = None, *,
                  progress_file: Path | None = None, run_name: str | None = None,
                  callbacks: list | None = None) -> RunResult:
@@ -138,6 +183,8 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
     # the wait, ray_start_background the whole start.
     _, background = settle_early_start()
     start_ray(training_cpus(spec.scaling.num_workers, spec.scaling.cpus_per_worker))
+    if not background:  # a background start asked for them as soon as Ray was up (runner)
+        prewarm(spec)
     stamps["ray_started"] = time.time()
     _autoscaling_coordinator_now()
     _quiet_ray_data()
@@ -170,6 +217,7 @@ def run_training(spec: JobSpec, prepared: PreparedData, logger: MetricLogger | N
             storage_path=str(Path(spec.scaling.storage_path).resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.scaling.keep_checkpoints),
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            worker_runtime_env={"env_vars": WORKER_ENV_VARS},
             callbacks=[_progress_callback(logger, progress_file), _restart_counter(logger), *(callbacks or [])],
         ),
     )

@@ -47,6 +47,13 @@ TEST_FILE = "test.json"
 BEST_FILE = "best.safetensors"
 
 
+def preload() -> None:
+    """Run by Ray as a training worker's process starts (``launcher.WORKER_ENV_VARS``): importing this
+    module imported torch, Ray Train and the loop; the actor class Ray Train runs it in comes next. A worker
+    pre-started for a run (``launcher.prewarm``) does this while idle, before the run asks for it."""
+    import ray.train.v2._internal.execution.worker_group.worker  # noqa: F401 - RayTrainWorker
+
+
 def train_loop(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(config["spec"])
     manifest = config["manifest"]
