@@ -36,10 +36,13 @@ _SCRIPT = _NAMES + textwrap.dedent("""
         pass  # taken already
     out = {}
     out["early"] = raystart.start_ray_early(3)
+    imported = set(sys.modules)
     out["again"] = raystart.start_ray_early(3)  # one background start at a time
     out["handler"] = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
     time.sleep(1.0)  # the caller's own work
     out["owned"] = raystart.start_ray(3)  # waits for the background start, then owns it
+    # What the start's thread imported itself: packages that the caller may be importing meanwhile are not.
+    out["thread_imports"] = sorted({m.split(".")[0] for m in set(sys.modules) - imported})
     out["settled_twice"] = list(raystart.settle_early_start())
     time.sleep(2.0)  # Ray's processes outlive the start: the thread that spawned them is still alive
 
@@ -93,6 +96,8 @@ def _run(script: str) -> dict:
 def test_a_background_start_is_waited_for_owned_kept_alive_and_its_error_raised():
     got = _run(_SCRIPT)
     assert got["early"] is True and got["again"] is False
+    shared = {"aiohttp", "grpc", "opentelemetry", "prometheus_client", "pydantic", "pydantic_core", "yarl"}
+    assert not shared & set(got["thread_imports"]), got["thread_imports"]
     assert got["handler"]  # SIGTERM still exits through sys.exit, as Ray's main-thread start arranges
     assert got["owned"] is True  # this caller shuts the instance down; the background start did not claim it
     assert got["settled_twice"] == [False, 0.0]

@@ -82,7 +82,14 @@ def start_ray_early(min_cpus: float = 0) -> bool:
     run) only from the main thread: the same handler is installed here, from the caller's thread.
     """
     global _early
-    import ray  # imported here, not in the thread: two threads importing one package can deadlock
+    # Imported here, not in the thread: two threads importing one package can deadlock or see it half
+    # initialized (seen in CI with pyspark), and the caller goes on importing (pyspark; torch and Ray Train
+    # for launcher.prewarm) while the thread starts Ray. With Ray, what ray.init imports on first use: its
+    # dashboard's dependencies (aiohttp, grpc, OpenTelemetry, Prometheus), usage stats, pydantic's shim.
+    import ray
+    import ray._common.pydantic_compat  # noqa: F401
+    import ray._common.usage.usage_lib  # noqa: F401
+    import ray.dashboard.optional_deps  # noqa: F401
 
     with _early_lock:
         if _early is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
