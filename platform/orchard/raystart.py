@@ -154,6 +154,7 @@ def prestart_workers(wanted: Sequence[tuple[str, int]], keep_alive_s: int = PRES
         grpc, pb2, pb2_grpc = _raylet_stub_modules()
         node = worker.node
         slots = max(1, min(os.cpu_count() or 1, int(ray.cluster_resources().get("CPU", 1))))
+        job_id = bytes.fromhex(ray.get_runtime_context().get_job_id())
         with grpc.insecure_channel(f"{node.node_ip_address}:{node.node_manager_port}") as channel:
             stub = pb2_grpc.NodeManagerServiceStub(channel)
             for env, count in wanted:
@@ -161,8 +162,7 @@ def prestart_workers(wanted: Sequence[tuple[str, int]], keep_alive_s: int = PRES
                 info.serialized_runtime_env = env
                 request = pb2.PrestartWorkersRequest(
                     language=0,  # ray.rpc.Language.PYTHON
-                    job_id=bytes.fromhex(ray.get_runtime_context().get_job_id()),
-                    runtime_env_info=info, keep_alive_duration_secs=keep_alive_s, num_workers=1)
+                    job_id=job_id, runtime_env_info=info, keep_alive_duration_secs=keep_alive_s, num_workers=1)
                 for _ in range(count):
                     _wait(lambda: _starting_workers() < slots, 15)
                     before = _starting_workers()
@@ -296,7 +296,7 @@ def _without_monitors(local: bool) -> Iterator[None]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("no_monitor", True)
             kwargs.setdefault("include_log_monitor", False)
-            kwargs.setdefault("dashboard_agent_listen_port", _free_port())
+            kwargs.setdefault("dashboard_agent_listen_port", free_port())
             super().__init__(*args, **kwargs)
 
     parameter.RayParams = _Lean
@@ -306,7 +306,8 @@ def _without_monitors(local: bool) -> Iterator[None]:
         parameter.RayParams = original
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on every interface of this machine now."""
     import socket
 
     with socket.socket() as s:

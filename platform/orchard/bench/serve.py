@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from orchard.bench import Result
+from orchard.raystart import free_port
 
 CONCURRENCY = (1, 16)
 REPEATS = 3
@@ -94,7 +95,7 @@ def _env(uri: str) -> dict[str, str]:
 
 
 def _start(root: Path, uri: str, model_uri: str, progress) -> dict[str, tuple[subprocess.Popen, int]]:
-    ports = {"orchard serve (Ray Serve, 1 replica)": _free_port(), "mlflow models serve (1 worker)": _free_port()}
+    ports = {"orchard serve (Ray Serve, 1 replica)": free_port(), "mlflow models serve (1 worker)": free_port()}
     ours, theirs = ports.values()
     cmds = [[sys.executable, "-m", "orchard.cli", "serve", model_uri, "--port", str(ours), "--tracking-uri", uri],
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
@@ -188,14 +189,6 @@ def _results(figures: dict[tuple[str, int], list[tuple[float, float, float]]], r
                 out.append(Result(f"{name}, {c} client(s)", label, "ms", float(rows[:, k].mean()),
                                   spread=[float(rows[:, k].min()), float(rows[:, k].max())], repeats=repeats))
     return out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:

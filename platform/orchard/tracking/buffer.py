@@ -62,16 +62,10 @@ def _rest_creds(uri: str):
     if urlparse(uri).scheme.split("+", 1)[0].lower() in _LOCAL_SCHEMES:
         return None
     from mlflow.store.tracking.rest_store import RestStore
-
-    store = tracking_store(uri)
-    return store.get_host_creds() if isinstance(store, RestStore) else None
-
-
-def tracking_store(uri: str):
-    """MLflow's tracking store for ``uri``, opened on first use; MLflow keeps one per URI for the process."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(uri)._tracking_client.store
+    store = MlflowClient(uri)._tracking_client.store
+    return store.get_host_creds() if isinstance(store, RestStore) else None
 
 
 def _quick_call(uri: str, endpoint: str, method: str, body: dict[str, Any] | None = None) -> None:
