@@ -105,6 +105,13 @@ def load(arrays: Arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return x.reshape(len(x), -1), y, None
 
 
+def feature_dtype(arrays: Arrays) -> np.dtype:
+    """The features' dtype (IDX: from the headers; npz: its array is read)."""
+    if arrays.form == "idx":
+        return np.result_type(*(np.dtype(_idx_header(f)[0]) for f in arrays.files[::2]))
+    return _xy_lazy(arrays)[0].dtype
+
+
 def default_image_shape(sample: tuple[int, ...]) -> list[int] | None:
     """[1, H, W] for a source of 2-D samples (grayscale images); nothing to guess otherwise."""
     return [1, *sample] if len(sample) == 2 else None

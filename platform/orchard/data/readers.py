@@ -68,8 +68,39 @@ def parse(raw: DataFrame, source: Source, regression: bool, group: str | None) -
         mode = "vector" if "_fv" in raw.columns else "columns"
         pieces = "_path" in raw.columns
         parser = rowparse.Parser(mode, source.features, source.label, source.categorical, regression, group,
-                                 split_column if pieces or "_s" in raw.columns else None)
+                                 split_column if pieces or "_s" in raw.columns else None,
+                                 narrow=_narrow(raw, source))
     return raw.mapInArrow(parser, rowparse.OUTPUT)
+
+
+def _narrow(raw: DataFrame, source: Source) -> bool:
+    """Whether every feature value the source's types can hold is a float32 exactly (see ``rowparse``):
+    decided from the types, so all of a source's rows are packed alike."""
+    if source.kind == "images":  # 8 bits per channel, whatever the file
+        return True
+    if source.kind == "arrays":
+        from orchard.data import arrays
+
+        dtype = arrays.feature_dtype(arrays.parse(source.location))
+        return dtype.kind == "b" or dtype.itemsize <= {"i": 2, "u": 2, "f": 4}.get(dtype.kind, 0)
+    if source.kind != "parquet" or not source.features:
+        return False  # text (CSV) parses to float64; scikit-learn's arrays are float64
+    if "_path" in raw.columns:  # local pieces: the files' own types (they may differ between files)
+        import pyarrow.parquet as pq
+
+        wanted = set(source.features)
+        types = [f.type for path in content_files(Path(source.location))
+                 for f in pq.read_schema(path) if f.name in wanted]
+        return all(_narrow_arrow(t) for t in types)
+    kinds = {f.name: f.dataType.typeName() for f in raw.schema.fields}
+    return all(kinds[f"_f{i}"] in ("boolean", "byte", "short", "float") for i in range(len(source.features)))
+
+
+def _narrow_arrow(t) -> bool:
+    import pyarrow as pa
+
+    return (pa.types.is_boolean(t) or pa.types.is_float16(t) or pa.types.is_float32(t)
+            or t in (pa.int8(), pa.uint8(), pa.int16(), pa.uint16()))
 
 
 def category_col(j: int) -> str:

@@ -15,11 +15,15 @@ Output columns (``OUTPUT``): ``_row``, ``_reason`` (null = clean), ``_raw`` (onl
 row: the record as read), ``_v`` (the features, see below), ``_k`` (trimmed categorical values, a
 missing one ""), ``_lab`` (trimmed label), ``_g``, ``_s``.
 
-A feature vector travels through Spark as ONE binary value: the row's float64 features packed
-little-endian (``pack``/``unpack``), -0.0 written 0.0. Spark moves, hashes, groups and compares it as a
-single value (two rows have equal features exactly when their bytes are equal; NaN never gets this far),
-and numpy reads a batch of them without a copy; an ``array<double>`` column would cost Spark's
-writer and shuffle work per element.
+A feature vector travels through Spark as ONE binary value: the row's features packed little-endian
+(``pack``/``unpack``), -0.0 written 0.0. Spark moves, hashes, groups and compares it as a single value
+(two rows have equal features exactly when their bytes are equal; NaN never gets this far), and numpy
+reads a batch of them without a copy; an ``array<double>`` column would cost Spark's writer and shuffle
+work per element. The values are float64, or float32 when every value the source's types can hold is a
+float32 exactly (``Parser.narrow``: 8/16-bit integers, float32 — pixels, most Parquet tables): half the
+bytes to stage and shuffle, the same numbers. One source uses one width for all its rows, so equal
+features still mean equal bytes; every reader (``unpack``) tells the width from the row length and
+computes in float64.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Parser:
     split_column: str | None = None  # data.split.column
     width: int = 0  # CSV: fields per record
     index: tuple[int, ...] = ()  # CSV: field position of each feature, then categoricals, label, group, split
+    narrow: bool = False  # every feature value the source can hold is a float32 exactly: pack float32
 
     @property
     def source_columns(self) -> list[str]:
@@ -133,7 +138,7 @@ class Parser:
         x = self._features(batch, values, reasons)
         raw = self._raw(batch, reasons, x)
         k = _categorical(cats, n)
-        v = pack(x)
+        v = pack(x, self.narrow)
         return pa.RecordBatch.from_arrays(
             [batch.column("_row"), pa.array(reasons, pa.string()), pa.array(raw, pa.string()), v, k,
              lab.cast(pa.string()), _or_nulls(group, n), _or_nulls(split, n)],
@@ -281,23 +286,28 @@ class _Scalar:
         return self.value
 
 
-def pack(x: np.ndarray) -> pa.Array:
-    """Rows of a float matrix as one binary value each (float64, little-endian)."""
+def pack(x: np.ndarray, narrow: bool = False) -> pa.Array:
+    """Rows of a float matrix as one binary value each (little-endian float64, or float32 if ``narrow``:
+    only for values that are float32s exactly)."""
     n, d = x.shape
-    data = np.ascontiguousarray(x, dtype="<f8")
-    offsets = np.arange(n + 1, dtype=np.int32) * (8 * d)
+    size = 4 if narrow else 8
+    data = np.ascontiguousarray(x, dtype=f"<f{size}")
+    offsets = np.arange(n + 1, dtype=np.int32) * (size * d)
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def unpack(column: pa.Array, d: int, dtype: str = "<f8") -> np.ndarray:
-    """A binary column of packed rows (all of width d) as an (n, d) matrix, without copying."""
+def unpack(column: pa.Array, d: int) -> np.ndarray:
+    """A binary column of packed rows (all d wide, float64 or float32) as an (n, d) float64 matrix: float64
+    rows without a copy."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     n = len(column)
-    if n == 0:
-        return np.zeros((0, d), dtype=dtype)
+    if n == 0 or d == 0:
+        return np.zeros((n, d))
     _, offsets, data = column.buffers()
-    start = np.frombuffer(offsets, dtype=np.int32, count=1, offset=column.offset * 4)[0]
-    return np.frombuffer(data, dtype=dtype, count=n * d, offset=int(start)).reshape(n, d)
+    start, end = np.frombuffer(offsets, dtype=np.int32, count=2, offset=column.offset * 4)
+    dtype = "<f4" if end - start == 4 * d else "<f8"
+    x = np.frombuffer(data, dtype=dtype, count=n * d, offset=int(start)).reshape(n, d)
+    return x.astype(np.float64) if dtype == "<f4" else x
 
 
 def unpack_rows(column: pa.Array, d: int) -> tuple[np.ndarray, np.ndarray]:
