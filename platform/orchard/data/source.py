@@ -31,7 +31,8 @@ from orchard.data import arrays, images, text
 from orchard.data.manifest import slug
 
 # Bump when the prep's output for the same input changes, so old folders are not reused.
-PREP_VERSION = "orchard-data/3"  # 2: splits by feature vector; 3: vector hash over one array column
+PREP_VERSION = "orchard-data/4"  # 2: splits by feature vector; 3: vector hash over one array column;
+# 4: float32 packing where exact (those sources' split keys hash other bytes)
 SKLEARN_DATASETS = ("digits", "breast_cancer", "diabetes")
 SKLEARN_TASKS = {"diabetes": "regression"}
 DEFAULT_IMAGE_SHAPES = {"digits": [1, 8, 8]}
