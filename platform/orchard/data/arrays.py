@@ -106,9 +106,20 @@ def load(arrays: Arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
 
 
 def feature_dtype(arrays: Arrays) -> np.dtype:
-    """The features' dtype (IDX: from the headers; npz: its array is read)."""
+    """The features' dtype, from the headers (npz: its member's .npy header, so the array is read once)."""
     if arrays.form == "idx":
         return np.result_type(*(np.dtype(_idx_header(f)[0]) for f in arrays.files[::2]))
+    if arrays.form == "npz":
+        import zipfile
+
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        try:
+            with zipfile.ZipFile(arrays.files[0]) as archive, archive.open(f"{arrays.keys[0]}.npy") as fh:
+                version = np.lib.format.read_magic(fh)
+                if version in readers:
+                    return readers[version](fh)[2]
+        except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+            pass  # _xy_lazy names the problem
     return _xy_lazy(arrays)[0].dtype
 
 

@@ -81,8 +81,7 @@ def _narrow(raw: DataFrame, source: Source) -> bool:
     if source.kind == "arrays":
         from orchard.data import arrays
 
-        dtype = arrays.feature_dtype(arrays.parse(source.location))
-        return dtype.kind == "b" or dtype.itemsize <= {"i": 2, "u": 2, "f": 4}.get(dtype.kind, 0)
+        return _exact_in_float32(arrays.feature_dtype(arrays.parse(source.location)))
     if source.kind != "parquet" or not source.features:
         return False  # text (CSV) parses to float64; scikit-learn's arrays are float64
     if "_path" in raw.columns:  # local pieces: the files' own types (they may differ between files)
@@ -91,16 +90,20 @@ def _narrow(raw: DataFrame, source: Source) -> bool:
         wanted = set(source.features)
         types = [f.type for path in content_files(Path(source.location))
                  for f in pq.read_schema(path) if f.name in wanted]
-        return all(_narrow_arrow(t) for t in types)
+        return all(_exact_in_float32(t) for t in types)
     kinds = {f.name: f.dataType.typeName() for f in raw.schema.fields}
     return all(kinds[f"_f{i}"] in ("boolean", "byte", "short", "float") for i in range(len(source.features)))
 
 
-def _narrow_arrow(t) -> bool:
-    import pyarrow as pa
+def _exact_in_float32(t) -> bool:
+    """For a numpy dtype or an Arrow type: booleans, integers of up to 16 bits, floats of up to 32."""
+    import numpy as np
 
-    return (pa.types.is_boolean(t) or pa.types.is_float16(t) or pa.types.is_float32(t)
-            or t in (pa.int8(), pa.uint8(), pa.int16(), pa.uint16()))
+    try:
+        dtype = np.dtype(t.to_pandas_dtype() if hasattr(t, "to_pandas_dtype") else t)
+    except (TypeError, NotImplementedError):  # dictionaries, decimals, nested types: no
+        return False
+    return dtype.kind == "b" or dtype.itemsize <= {"i": 2, "u": 2, "f": 4}.get(dtype.kind, 0)
 
 
 def category_col(j: int) -> str:
