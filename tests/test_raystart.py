@@ -1,5 +1,6 @@
 """A background Ray start (``start_ray_early``): the next ``start_ray`` waits for it and owns the instance;
-a local instance runs without the autoscaler and log monitors, and, when asked, without the API server."""
+a local instance runs without the autoscaler and log monitors, and, when asked (``lean``), without the API
+server and with stand-ins for its agents."""
 from __future__ import annotations
 
 import json
@@ -115,38 +116,72 @@ def test_a_background_start_is_waited_for_owned_kept_alive_and_its_error_raised(
     assert got["cluster"] is False
 
 
-_NO_API_SERVER = _NAMES + textwrap.dedent("""
-    import json, os, time
-    import ray
-    from ray._private import node
+_LEAN = _NAMES + textwrap.dedent("""
+    import json, os, signal, time
+    import psutil, ray
+    from ray._private import node, services
     from orchard import raystart
 
-    out = {"owned": raystart.start_ray(2, api_server=False)}
+    out = {"owned": raystart.start_ray(2, lean=True)}
 
     @ray.remote
     def pid():
         return os.getpid()
 
+    @ray.remote
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def add(self, k):
+            self.n += k
+            return self.n
+
     out["task"] = ray.get(pid.remote(), timeout=60) != os.getpid()
+    counter = Counter.remote()
+    out["actor"] = ray.get([counter.add.remote(k) for k in (1, 2, 3)], timeout=60)
     out["cpus"] = ray.cluster_resources()["CPU"]
-    # The agents name themselves ("ray::DashboardAgent") once they have imported Ray: wait for that.
-    for _ in range(60):
-        names = ray_process_names()
-        if {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names:
-            break
-        time.sleep(0.5)
-    out["scripts"] = sorted(names)
-    out["restored"] = node.Node.start_api_server.__name__ == "start_api_server"
+    time.sleep(3.0)  # Ray's agents would have named themselves ("ray::DashboardAgent") by now
+    out["scripts"] = sorted(ray_process_names())
+
+    def stand_ins():
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            if (p.info["cmdline"] or [])[:3] == raystart._AGENT_STAND_IN:
+                found.append(p)
+        return found
+
+    raylet = ray._private.worker.global_worker.node.all_processes["raylet"][0].process.pid
+    out["stand_ins"] = sorted(p.ppid() == raylet for p in stand_ins())
+    out["stand_in_mib"] = max(p.memory_info().rss for p in stand_ins()) / 2**20
+    out["restored"] = (node.Node.start_api_server.__name__ == "start_api_server"
+                       and services.start_ray_process.__name__ == "start_ray_process")
+    ray.shutdown()
+    time.sleep(1.5)
+    out["left_after_shutdown"] = len(stand_ins())
+
+    # Killed, not shut down: the stand-ins end with the raylet by themselves.
+    raystart.start_ray(2, lean=True)
+    raylet = ray._private.worker.global_worker.node.all_processes["raylet"][0].process.pid
+    out["stand_ins_again"] = len(stand_ins())
+    os.kill(raylet, signal.SIGKILL)
+    time.sleep(3.0)
+    out["left_after_kill"] = len(stand_ins())
     ray.shutdown()
     print(json.dumps(out))
 """)
 
 
 @pytest.mark.slow
-def test_a_local_instance_can_start_without_the_api_server_and_still_runs_tasks():
-    """What a Flower simulation starts: no ``dashboard.py`` (its ~117 MiB), agents and tasks as usual."""
-    got = _run(_NO_API_SERVER)
+def test_a_lean_instance_runs_tasks_and_actors_without_api_server_or_agents():
+    """What a Flower simulation starts: no ``dashboard.py`` (~117 MiB), and a ~2 MiB shell for each of Ray's
+    agents (121 + 84 MiB); the stand-ins never outlive their raylet."""
+    got = _run(_LEAN)
     assert got["owned"] is True and got["task"] is True and got["cpus"] >= 2
+    assert got["actor"] == [1, 3, 6]
     assert "dashboard.py" not in got["scripts"], got["scripts"]
-    assert "ray::DashboardAgent" in got["scripts"] and "ray::RuntimeEnvAgent" in got["scripts"], got["scripts"]
-    assert got["restored"]  # Ray's own method is back once the start is done
+    assert not {"ray::DashboardAgent", "ray::RuntimeEnvAgent", "agent.py", "main.py"} & set(got["scripts"]), got
+    assert got["stand_ins"] == [True, True], got  # both, children of this instance's raylet
+    assert got["stand_in_mib"] < 10, got
+    assert got["restored"]  # Ray's own functions are back once the start is done
+    assert got["left_after_shutdown"] == 0 and got["stand_ins_again"] == 2 and got["left_after_kill"] == 0, got

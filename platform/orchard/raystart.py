@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -216,7 +217,7 @@ def training_cpus(num_workers: int, cpus_per_worker: float) -> float:
 
 
 def start_ray(min_cpus: float = 0, *, task_cpus: float = 0, task_setting: str = "task_cpus",
-              api_server: bool = True) -> bool:
+              lean: bool = False) -> bool:
     """Join $RAY_ADDRESS if set, else start a quiet local instance; do nothing if Ray is already up.
 
     Returns True only if this call started Ray (or took over the background start of
@@ -225,12 +226,13 @@ def start_ray(min_cpus: float = 0, *, task_cpus: float = 0, task_setting: str = 
     read tasks need one more, else the job waits forever on a small machine.
     ``task_cpus`` (named ``task_setting`` in the error) is one task's reservation, e.g. a Flower
     client's: if no node has that many CPUs nothing could ever be scheduled, so refuse now.
-    ``api_server=False`` starts a local instance without Ray's API server (see ``_without_api_server``),
-    for work that never reads Ray's state API: a Flower simulation does not, Ray Train V2 does.
+    ``lean=True`` starts a local instance without Ray's API server and with its two agents stood in for
+    (see ``_without_api_server`` and ``_without_agents``), for work that never reads Ray's state API and
+    asks for no runtime env: a Flower simulation, not Ray Train V2.
     """
     import ray
 
-    started = settle_early_start()[0] or _start_ray(min_cpus, api_server=api_server)
+    started = settle_early_start()[0] or _start_ray(min_cpus, lean=lean)
     if task_cpus:
         biggest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         if biggest < task_cpus:
@@ -241,7 +243,7 @@ def start_ray(min_cpus: float = 0, *, task_cpus: float = 0, task_setting: str = 
     return started
 
 
-def _start_ray(min_cpus: float, api_server: bool = True) -> bool:
+def _start_ray(min_cpus: float, lean: bool = False) -> bool:
     import ray
 
     started = False
@@ -258,7 +260,8 @@ def _start_ray(min_cpus: float, api_server: bool = True) -> bool:
             kwargs["_system_config"] = {"enable_metrics_collection": False}
         cwd = os.getcwd()
         local = not os.environ.get("RAY_ADDRESS")
-        with _inherited_pythonpath(local), _without_monitors(local), _without_api_server(local and not api_server):
+        with _inherited_pythonpath(local), _without_monitors(local), _without_api_server(local and lean), \
+                _without_agents(local and lean):
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=True,
                      logging_level=logging.WARNING, **kwargs)
         # Inside a Ray job whose project was shipped as working_dir, joining the cluster re-extracts that
@@ -340,6 +343,58 @@ def _without_api_server(skip: bool) -> Iterator[None]:
         yield
     finally:
         node.Node.start_api_server = original
+
+
+# What stands in for each of Ray's two agents on a lean instance: a shell that waits while the raylet is its
+# parent (~2 MiB; Ray's agents are Python processes of 121 and 84 MiB here). It ends on SIGTERM, which the
+# raylet sends its agents when it exits, and by itself within a second of being orphaned (a killed raylet
+# that nobody has reaped yet still answers ``kill -0``, so the parent is read from /proc); the raylet
+# appends its own arguments, which ``sh -c`` ignores.
+_AGENT_STAND_IN = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; "
+                   "while read -r _ _ _ p _ </proc/$$/stat && [ $p = $PPID ]; do sleep 1 & wait $!; done"]
+_AGENT_PORTS = ("METRICS_AGENT_PORT_NAME", "METRICS_EXPORT_PORT_NAME", "DASHBOARD_AGENT_LISTEN_PORT_NAME",
+                "RUNTIME_ENV_AGENT_PORT_NAME")
+
+
+@contextlib.contextmanager
+def _without_agents(skip: bool) -> Iterator[None]:
+    """With ``skip``, the raylet starts a stand-in (``_AGENT_STAND_IN``) for each of its agents.
+
+    The dashboard agent reports node metrics to the dashboard and serves job submission and log reads; the
+    runtime-env agent installs runtime envs (pip, working_dir, env_vars) for tasks and actors that ask for
+    one. A Flower simulation on its own local instance needs neither: no dashboard runs, metrics are off
+    (``enable_metrics_collection``) and its actors are plain workers, which import Orchard through the
+    inherited PYTHONPATH (``_inherited_pythonpath``) and ask for no runtime env. Together the two agents
+    were 205 MiB RSS of the process tree, about a tenth of a 100-client simulation's peak.
+    Ray's raylet cannot run without agent processes (it refuses an empty command and exits when an agent
+    does) and waits at start for each agent to write its ports into the session folder; the ports are
+    written here first, as -1: "not in use", what the dashboard agent writes itself in Ray's minimal mode.
+    On such an instance a task or actor that asks for a runtime env fails: the raylet exits after 30 s
+    ("the runtime env agent was never started", in its raylet.out) and the driver sees its raylet die.
+    """
+    if not skip:
+        yield
+        return
+    import ray._raylet
+    from ray._private import ray_constants, services
+
+    original = services.start_ray_process
+    stand_in = subprocess.list2cmdline(_AGENT_STAND_IN)
+    flags = ("--dashboard_agent_command=", "--runtime_env_agent_command=")
+
+    def _lean(command: list[str], process_type: str, *args: Any, **kwargs: Any) -> Any:
+        if process_type == ray_constants.PROCESS_TYPE_RAYLET:
+            opts = dict(a[2:].split("=", 1) for a in command if a.startswith("--") and "=" in a)
+            for name in _AGENT_PORTS:
+                ray._raylet.persist_port(opts["session_dir"], opts["node_id"], getattr(ray._raylet, name), -1)
+            command = [f"{a.split('=', 1)[0]}={stand_in}" if a.startswith(flags) else a for a in command]
+        return original(command, process_type, *args, **kwargs)
+
+    services.start_ray_process = _lean
+    try:
+        yield
+    finally:
+        services.start_ray_process = original
 
 
 @contextlib.contextmanager

@@ -205,9 +205,9 @@ def _simulate(spec: JobSpec, server_app, client_app_for: Callable[[JobSpec], Any
 
     fed = spec.federated
     with engine_logs_to(log_path):
-        # Flower's backend reads Ray's resources from the GCS, never the state API: no API server.
-        started = start_ray(task_cpus=fed.client_cpus or 0, task_setting="federated.client_cpus",
-                            api_server=False)
+        # Flower's backend reads Ray's resources from the GCS, never the state API, and its actors ask for no
+        # runtime env: no API server, no agents.
+        started = start_ray(task_cpus=fed.client_cpus or 0, task_setting="federated.client_cpus", lean=True)
     if not started:
         _wait_for_free_cpus()
     returned = threading.Event()
