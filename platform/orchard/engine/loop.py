@@ -72,10 +72,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, *, cpu_only: bool = False) -> None:
+    """Seed Python's, NumPy's and torch's generators. ``cpu_only`` seeds torch's CPU generator alone, for
+    code that computes on the CPU only: ``torch.manual_seed`` also queues seeding of every accelerator
+    backend, recording a traceback for each (0.75 ms a call here, with no GPU), which a federated client,
+    seeded once per update, paid on every update."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if cpu_only:
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
 
 
 def build_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device | None = None) -> torch.optim.Optimizer:

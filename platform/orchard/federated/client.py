@@ -7,6 +7,7 @@ Everything a client needs reaches it through the factory's closure (``run_simula
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,11 +45,13 @@ def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> Dat
                       sampler=BatchSampler(order, batch_size, drop_last=False))
 
 
-def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, context: Context) -> Message:
+def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, context: Context,
+                model_for: Callable[[], torch.nn.Module] | None = None) -> Message:
     """Load the global arrays, run ``local-epochs`` of the shared loop, reply with arrays and metrics.
 
     Simulated faults and attacks (``federated.faults``/``attack``) happen here, as they would on a real
-    device: the server sees only what arrives.
+    device: the server sees only what arrives. ``model_for`` returns the model to load the global arrays
+    into (one kept per ClientApp, see ``make_client_app``); without it each message builds its own.
     """
     client = int(context.node_config["partition-id"])
     config = msg.content[CONFIG_KEY]
@@ -61,7 +64,6 @@ def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, c
     # Distinct but reproducible per client and round: equal seeds would give every client the same
     # dropout masks and batch order.
     seed = spec.train.seed + 100_003 * server_round + client
-    seed_everything(seed)
     torch.set_num_threads(max(1, int(spec.federated.client_cpus or 1)))
 
     x, y = _partition(client_file(partitions, client), manifest)
@@ -69,7 +71,10 @@ def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, c
     task = make_task(manifest, spec.train, manifest.get("class_counts"))
     if malicious and spec.federated.attack.kind == "label_flip":
         y = flip_labels(y, task.num_classes)
-    model, global_sd = _global_model(spec, manifest, msg)
+    model, global_sd = _global_model(spec, manifest, msg, model_for)
+    # Seeded once the model is loaded, so a model built here (drawing its initial weights) and one kept from
+    # an earlier message leave the same generator state for dropout. CPU only: so is the client's loop.
+    seed_everything(seed, cpu_only=True)
     losses = _fit(spec, model, (x, y), config, task, seed)
     state = model.state_dict()
     if malicious and spec.federated.attack.kind in ("sign_flip", "scale", "gaussian"):
@@ -83,7 +88,8 @@ def local_train(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, c
     return Message(content=content, reply_to=msg)
 
 
-def local_evaluate(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, context: Context) -> Message:
+def local_evaluate(spec: JobSpec, manifest: dict, partitions: Path, msg: Message, context: Context,
+                   model_for: Callable[[], torch.nn.Module] | None = None) -> Message:
     """Score the global arrays on this client's share of the validation split (``federated.client_eval``).
 
     A client with no validation rows replies num-examples 0; the server leaves it out of the figures.
@@ -93,7 +99,7 @@ def local_evaluate(spec: JobSpec, manifest: dict, partitions: Path, msg: Message
     x, y = _partition(client_file(partitions / VAL_DIR, client), manifest)
     metrics: dict[str, float | int] = {"loss": 0.0, "num-examples": 0}
     if len(y):
-        model, _ = _global_model(spec, manifest, msg)
+        model, _ = _global_model(spec, manifest, msg, model_for)
         task = make_task(manifest, spec.train, manifest.get("class_counts"))
         res = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=spec.train.batch_size * 4),
                        torch.device("cpu"), task)
@@ -103,8 +109,11 @@ def local_evaluate(spec: JobSpec, manifest: dict, partitions: Path, msg: Message
     return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 
-def _global_model(spec: JobSpec, manifest: dict, msg: Message) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    model = build_model(spec, manifest)
+def _global_model(spec: JobSpec, manifest: dict, msg: Message, model_for: Callable[[], torch.nn.Module] | None
+                  ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The model holding this message's global arrays: every parameter and buffer is loaded (strictly), so
+    a model kept from an earlier message trains exactly as a new one would."""
+    model = model_for() if model_for is not None else build_model(spec, manifest)
     global_sd = msg.content[ARRAYS_KEY].to_torch_state_dict()
     model.load_state_dict(global_sd)
     return model, global_sd
@@ -124,17 +133,39 @@ def _fit(spec: JobSpec, model: torch.nn.Module, xy: tuple[torch.Tensor, torch.Te
             for _ in range(int(config["local-epochs"]))]
 
 
+class KeptModel:
+    """The model of a ClientApp, built on first use and kept: a Ray actor holds one ClientApp and serves one
+    message at a time, each loading its global arrays into it (``_global_model``). Building it for every
+    message (weight init included) took 0.9 ms of a 1,000-client MLP update's ~9 ms here. A copy (the
+    ClientApp is pickled to each actor) starts without a model."""
+
+    def __init__(self, spec: JobSpec, manifest: dict) -> None:
+        self.spec, self.manifest = spec, manifest
+        self.model: torch.nn.Module | None = None
+        self.built = 0
+
+    def __call__(self) -> torch.nn.Module:
+        if self.model is None:
+            self.model = build_model(self.spec, self.manifest)
+            self.built += 1
+        return self.model
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "model": None, "built": 0}
+
+
 def make_client_app(spec: JobSpec, manifest: dict, partitions: Path) -> ClientApp:
     from orchard.federated.privacy import client_mods
 
     app = ClientApp(mods=client_mods(spec))
+    model_for = KeptModel(spec, manifest)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return local_train(spec, manifest, partitions, msg, context)
+        return local_train(spec, manifest, partitions, msg, context, model_for)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return local_evaluate(spec, manifest, partitions, msg, context)
+        return local_evaluate(spec, manifest, partitions, msg, context, model_for)
 
     return app
