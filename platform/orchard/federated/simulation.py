@@ -203,6 +203,8 @@ def _simulate(spec: JobSpec, server_app, client_app_for: Callable[[JobSpec], Any
               server_done: threading.Event) -> None:
     from flwr.simulation import run_simulation
 
+    from orchard.federated.actor import own_actors  # imports Ray
+
     fed = spec.federated
     with engine_logs_to(log_path):
         # Flower's backend reads Ray's resources from the GCS, never the state API, and its actors ask for no
@@ -218,7 +220,7 @@ def _simulate(spec: JobSpec, server_app, client_app_for: Callable[[JobSpec], Any
         # Entered after ray.init, which installs its own stderr handler on the "ray" logger.
         with engine_logs_to(log_path):
             spec = _resolve_client_cpus(spec)
-            with fast_dispatch():
+            with fast_dispatch(), own_actors():
                 run_simulation(server_app=server_app, client_app=client_app_for(spec),
                                num_supernodes=fed.clients,
                                backend_name="ray",
