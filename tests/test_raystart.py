@@ -141,6 +141,7 @@ _LEAN = _NAMES + textwrap.dedent("""
     counter = Counter.remote()
     out["actor"] = ray.get([counter.add.remote(k) for k in (1, 2, 3)], timeout=60)
     out["cpus"] = ray.cluster_resources()["CPU"]
+    out["inline"] = ray._private.worker._global_node._ray_params._system_config.get("max_direct_call_object_size")
     time.sleep(3.0)  # Ray's agents would have named themselves ("ray::DashboardAgent") by now
     out["scripts"] = sorted(ray_process_names())
 
@@ -179,6 +180,7 @@ def test_a_lean_instance_runs_tasks_and_actors_without_api_server_or_agents():
     got = _run(_LEAN)
     assert got["owned"] is True and got["task"] is True and got["cpus"] >= 2
     assert got["actor"] == [1, 3, 6]
+    assert got["inline"] == 8 * 2**20  # a model of up to 8 MiB travels in the call, not the object store
     assert "dashboard.py" not in got["scripts"], got["scripts"]
     assert not {"ray::DashboardAgent", "ray::RuntimeEnvAgent", "agent.py", "main.py"} & set(got["scripts"]), got
     assert got["stand_ins"] == [True, True], got  # both, children of this instance's raylet
