@@ -180,7 +180,7 @@ def test_a_lean_instance_runs_tasks_and_actors_without_api_server_or_agents():
     got = _run(_LEAN)
     assert got["owned"] is True and got["task"] is True and got["cpus"] >= 2
     assert got["actor"] == [1, 3, 6]
-    assert got["inline"] == 8 * 2**20  # a model of up to 8 MiB travels in the call, not the object store
+    assert got["inline"] == 2**20  # a model of up to 1 MiB travels in the call, not the object store
     assert "dashboard.py" not in got["scripts"], got["scripts"]
     assert not {"ray::DashboardAgent", "ray::RuntimeEnvAgent", "agent.py", "main.py"} & set(got["scripts"]), got
     assert got["stand_ins"] == [True, True], got  # both, children of this instance's raylet

@@ -24,8 +24,10 @@ PRESTART_KEEP_ALIVE_S = 600
 # message instead of through the raylet's shared-memory object store (Ray's default: 100 KiB). A Flower
 # simulation sends the global model to an actor and gets one back on every client update: echoing a 400 kB
 # array through an actor took 4.1-4.5 ms per round trip with the store and 1.6-1.7 ms inline here, and a
-# bare ClientApp call with a 400 kB model 4.7-5.2 ms against 2.6-2.8 ms (/tmp/w/actorbench2.py).
-LEAN_INLINE_BYTES = 8 * 2**20
+# bare ClientApp call with a 400 kB model 4.7-5.2 ms against 2.6-2.8 ms. Not larger: an inline result is
+# held in the receiving process's heap, not in shared memory, and copying dominates the store's fixed cost
+# for big models; at 8 MiB a 100-client run of a 1.7 MB CNN peaked at 1,799-1,829 MiB against 1,737-1,744.
+LEAN_INLINE_BYTES = 2**20
 
 
 class _EarlyStart(threading.Thread):
